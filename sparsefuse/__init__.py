@@ -1,0 +1,1 @@
+"""sparsefuse: dynamic sparse training for PyTorch."""
