@@ -1,0 +1,46 @@
+"""Layer-wise densities from one global density: uniform, Erdos-Renyi (ER) and Erdos-Renyi-Kernel (ERK).
+
+ER and ERK give layer l a density proportional to a raw score (ER: (n0 + n1) / (n0 * n1) over the first two
+dims; ERK: sum(shape) / prod(shape), kernel dims included), scaled by one epsilon so that the number of active
+weights matches ``density * total``. A layer whose density would exceed 1 is made dense and epsilon is solved
+again over the others (RigL's solver), so the global density stays exact instead of drifting below the target.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+__all__ = ["layer_densities", "DISTRIBUTIONS"]
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+
+
+def _raw_score(kind: str, shape: Sequence[int]) -> float:
+    if kind == "erk":
+        return sum(shape) / math.prod(shape)
+    if len(shape) < 2:  # ER is defined on (fan_out, fan_in); a vector has one fan
+        return 1.0 / shape[0]
+    return (shape[0] + shape[1]) / (shape[0] * shape[1])
+
+
+def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, kind: str = "uniform") -> dict[str, float]:
+    """Per-layer densities for weights of the given ``shapes`` whose element-weighted mean is ``density``."""
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {kind!r}: use one of {DISTRIBUTIONS}")
+    if kind == "uniform" or density >= 1.0:
+        return {name: float(density) for name in shapes}
+
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    raw = {name: _raw_score(kind, shape) for name, shape in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        weighted = sum(raw[n] * sizes[n] for n in shapes if n not in dense)
+        epsilon = budget / weighted
+        over = [n for n in shapes if n not in dense and epsilon * raw[n] > 1.0]
+        if not over:
+            break
+        # As RigL: only the layers with the largest raw score go dense, then epsilon is solved again.
+        top = max(raw[n] for n in over)
+        dense.update(n for n in over if raw[n] == top)
+    return {name: 1.0 if name in dense else epsilon * raw[name] for name in shapes}

@@ -1,0 +1,176 @@
+"""Granularities: how a weight tensor is cut into *groups*, the units a mask switches on and off.
+
+A group mask is a bool tensor in the granularity's own (smaller) shape; `expand` turns it into something that
+broadcasts against the weight, `group_sum` folds a weight-shaped tensor back into group shape. Everything the
+sparsifier does (scoring, growth, masking) goes through these three methods, so a new granularity is one subclass.
+
+Weight layouts this module knows: ``Linear`` (out, in), ``ConvNd`` (out, in/groups, *k),
+``ConvTransposeNd`` (in, out/groups, *k). "dim0, dim1" below means the first two weight dims whatever they are.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Granularity", "Element", "Kernel", "Channel", "Block", "get_granularity"]
+
+
+class Granularity(ABC):
+    """Base class. Subclasses define the group shape and the two mappings between group and weight space."""
+
+    def bind(self, name: str, weight: Tensor, module: nn.Module | None) -> "Granularity":
+        """Return the granularity to use for one weight (self, or a copy configured for it).
+
+        Raise ValueError naming ``name`` if this granularity cannot cut that weight.
+        """
+        return self
+
+    @abstractmethod
+    def groups_shape(self, weight_shape: torch.Size) -> tuple[int, ...]:
+        """Shape of the group mask for a weight of ``weight_shape``."""
+
+    @abstractmethod
+    def expand(self, group_values: Tensor, weight_shape: torch.Size) -> Tensor:
+        """Group-shaped tensor -> tensor broadcastable to ``weight_shape`` (a view where possible)."""
+
+    @abstractmethod
+    def group_sum(self, values: Tensor) -> Tensor:
+        """Weight-shaped tensor -> group-shaped tensor, summing the elements of each group."""
+
+    def group_size(self, weight_shape: torch.Size) -> int:
+        return math.prod(weight_shape) // math.prod(self.groups_shape(weight_shape))
+
+    def to_weight(self, group_values: Tensor, weight_shape: torch.Size) -> Tensor:
+        """Group-shaped tensor -> dense weight-shaped tensor (a copy)."""
+        return self.expand(group_values, weight_shape).expand(weight_shape).clone()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Element(Granularity):
+    """One group per weight element (unstructured sparsity, as in RigL and SET)."""
+
+    def groups_shape(self, weight_shape):
+        return tuple(weight_shape)
+
+    def expand(self, group_values, weight_shape):
+        return group_values
+
+    def group_sum(self, values):
+        return values
+
+
+def _require_2d(kind: str, name: str, weight: Tensor) -> None:
+    if weight.dim() < 2:
+        raise ValueError(
+            f"granularity {kind!r} needs a weight with at least 2 dims, but {name!r} has shape {tuple(weight.shape)}; "
+            f"leave it out of `targets` or use granularity='element'"
+        )
+
+
+class Kernel(Granularity):
+    """One group per (dim0, dim1) pair, covering the whole spatial kernel: the E2ENet paper's M in {0,1}^(Cin x Cout).
+
+    For a Linear weight (no spatial dims) a kernel is a single element, exactly as for a 1x1 conv.
+    """
+
+    def bind(self, name, weight, module):
+        _require_2d("kernel", name, weight)
+        return self
+
+    def groups_shape(self, weight_shape):
+        return tuple(weight_shape[:2])
+
+    def expand(self, group_values, weight_shape):
+        return group_values.reshape(*group_values.shape, *([1] * (len(weight_shape) - 2)))
+
+    def group_sum(self, values):
+        return values.flatten(2).sum(2) if values.dim() > 2 else values
+
+
+class Channel(Granularity):
+    """One group per output channel (whole filters).
+
+    The output-channel dim is 0 for Linear/Conv and 1 for ConvTranspose; ``dim`` overrides the choice.
+    """
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+
+    def bind(self, name, weight, module):
+        _require_2d("channel", name, weight)
+        dim = self.dim
+        if dim is None:
+            transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+            dim = 1 if transposed else 0
+        if not 0 <= dim < weight.dim():
+            raise ValueError(f"Channel(dim={dim}) is out of range for {name!r} with shape {tuple(weight.shape)}")
+        return Channel(dim)
+
+    def groups_shape(self, weight_shape):
+        return (weight_shape[self.dim],)
+
+    def expand(self, group_values, weight_shape):
+        shape = [1] * len(weight_shape)
+        shape[self.dim] = -1
+        return group_values.reshape(shape)
+
+    def group_sum(self, values):
+        other = [d for d in range(values.dim()) if d != self.dim]
+        return values.sum(dim=other)
+
+    def __repr__(self):
+        return f"Channel(dim={self.dim})"
+
+
+class Block(Granularity):
+    """Blocks of ``rows x cols`` (dim0, dim1) pairs, each pair covering its whole spatial kernel."""
+
+    def __init__(self, rows: int, cols: int):
+        if not (isinstance(rows, int) and isinstance(cols, int) and rows >= 1 and cols >= 1):
+            raise ValueError(f"Block(rows, cols) needs two positive ints, got rows={rows!r}, cols={cols!r}")
+        self.rows, self.cols = rows, cols
+
+    def bind(self, name, weight, module):
+        _require_2d("block", name, weight)
+        d0, d1 = weight.shape[:2]
+        if d0 % self.rows or d1 % self.cols:
+            raise ValueError(
+                f"{self!r} does not tile {name!r}: its first two dims are ({d0}, {d1}), which must be multiples of "
+                f"({self.rows}, {self.cols}); choose a block shape that divides them or leave the layer out of `targets`"
+            )
+        return self
+
+    def groups_shape(self, weight_shape):
+        return (weight_shape[0] // self.rows, weight_shape[1] // self.cols)
+
+    def expand(self, group_values, weight_shape):
+        pairs = group_values.repeat_interleave(self.rows, 0).repeat_interleave(self.cols, 1)
+        return pairs.reshape(*pairs.shape, *([1] * (len(weight_shape) - 2)))
+
+    def group_sum(self, values):
+        pairs = values.flatten(2).sum(2) if values.dim() > 2 else values
+        r, c = self.rows, self.cols
+        return pairs.reshape(pairs.shape[0] // r, r, pairs.shape[1] // c, c).sum(dim=(1, 3))
+
+    def __repr__(self):
+        return f"Block({self.rows}, {self.cols})"
+
+
+_BY_NAME = {"element": Element, "kernel": Kernel, "channel": Channel}
+
+
+def get_granularity(spec: str | Granularity) -> Granularity:
+    """``"element" | "kernel" | "channel"`` or a Granularity instance (e.g. ``Block(4, 4)``)."""
+    if isinstance(spec, Granularity):
+        return spec
+    if isinstance(spec, str) and spec in _BY_NAME:
+        return _BY_NAME[spec]()
+    raise ValueError(
+        f"unknown granularity {spec!r}: use one of {sorted(_BY_NAME)}, sparsefuse.masks.Block(rows, cols), "
+        f"or an instance of a sparsefuse.masks.Granularity subclass"
+    )
