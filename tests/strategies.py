@@ -1,0 +1,109 @@
+"""Hypothesis strategies shared by the property tests: small random models, granularities, optimizers, policies."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import strategies as st
+from torch import nn
+
+import sparsefuse as sf
+
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "convT2d", "convT3d")
+
+
+class LayerBag(nn.Module):
+    """Independent layers, each fed its own input: any mix of shapes gets real, dense gradients."""
+
+    def __init__(self, specs):
+        super().__init__()
+        self.specs = specs
+        self.layers = nn.ModuleList(make_layer(*spec) for spec in specs)
+
+    def inputs(self, generator: torch.Generator) -> list[torch.Tensor]:
+        out = []
+        for kind, c_in, _, _ in self.specs:
+            spatial = {"linear": (), "conv1d": (5,), "conv2d": (4, 4), "conv3d": (3, 3, 3),
+                       "convT2d": (3, 3), "convT3d": (2, 2, 2)}[kind]
+            out.append(torch.randn(2, c_in, *spatial, generator=generator))
+        return out
+
+    def forward(self, inputs):
+        return sum((layer(x).sin() * (i + 1)).mean() for i, (layer, x) in enumerate(zip(self.layers, inputs)))
+
+
+def make_layer(kind: str, c_in: int, c_out: int, k: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(c_in, c_out)
+    dims = kind[-2]  # "conv2d" -> "2"
+    if kind.startswith("convT"):
+        return getattr(nn, f"ConvTranspose{dims}d")(c_in, c_out, k, stride=2)
+    return getattr(nn, f"Conv{dims}d")(c_in, c_out, k, padding=k // 2)
+
+
+@st.composite
+def granularities(draw):
+    kind = draw(st.sampled_from(["element", "kernel", "channel", "block"]))
+    if kind != "block":
+        return kind
+    return sf.masks.Block(draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+
+
+@st.composite
+def layer_specs(draw, granularity, max_layers: int = 3):
+    rows, cols = (granularity.rows, granularity.cols) if isinstance(granularity, sf.masks.Block) else (1, 1)
+    specs = []
+    for _ in range(draw(st.integers(1, max_layers))):
+        kind = draw(st.sampled_from(LAYER_KINDS))
+        dim0, dim1 = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        # Block granularity needs dims that are multiples of the block; transposed weights are (c_in, c_out).
+        dim0, dim1 = dim0 * rows, dim1 * cols
+        c_in, c_out = (dim0, dim1) if kind.startswith("convT") else (dim1, dim0)
+        specs.append((kind, c_in, c_out, draw(st.integers(1, 3))))
+    return specs
+
+
+def optimizers(params, kind: str) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.99, nesterov=True, weight_decay=1e-2)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)
+    return torch.optim.Adam(params, lr=0.01, amsgrad=True)
+
+
+OPTIMIZERS = ("sgd", "adamw", "adam-amsgrad")
+
+
+@st.composite
+def schedules(draw):
+    every = draw(st.integers(1, 3))
+    alpha = draw(st.floats(0.05, 1.0))
+    kind = draw(st.sampled_from(["cosine", "constant", "linear"]))
+    stop = draw(st.none() | st.integers(1, 8))
+    if kind == "constant":
+        return sf.schedules.Constant(every=every, alpha=alpha, stop=stop)
+    total = draw(st.integers(1, 12))
+    cls = sf.schedules.CosineDecay if kind == "cosine" else sf.schedules.Linear
+    return cls(every=every, alpha=alpha, total_steps=total, stop=stop)
+
+
+densities = st.floats(0.05, 1.0)
+scorers = st.sampled_from([sf.scorers.L1(), sf.scorers.Magnitude(), sf.scorers.Random()])
+growths = st.sampled_from([sf.growth.Random(), sf.growth.Gradient()])
+
+
+def train_step(model: LayerBag, optimizer, sparsity, step: int, data_seed: int = 1234):
+    """One deterministic step: the batch depends only on (data_seed, step)."""
+    inputs = model.inputs(torch.Generator().manual_seed(data_seed * 100_003 + step))
+    optimizer.zero_grad()
+    model(inputs).backward()
+    optimizer.step()
+    return sparsity.step()
+
+
+def expected_active(num_groups: int, density: float) -> int:
+    return round(density * num_groups)
+
+
+def group_count(shape) -> int:
+    return math.prod(shape)
