@@ -288,10 +288,11 @@ class DynamicSparsity:
 
     def _drop_and_grow(self, t: _Target, count: int, grad: Tensor | None, generator: torch.Generator) -> None:
         was_active = t.mask.reshape(-1)
+        active, inactive = was_active.nonzero().squeeze(1), (~was_active).nonzero().squeeze(1)
         keep_score = self.scorer(t.param, grad, t.granularity, generator).reshape(-1)
         grow_score = self.growth(t.param, grad, t.granularity, generator).reshape(-1)
-        drop = torch.topk(keep_score.masked_fill(~was_active, math.inf), count, largest=False).indices
-        grow = torch.topk(grow_score.masked_fill(was_active, -math.inf), count, largest=True).indices
+        drop = active[torch.topk(keep_score[active], count, largest=False).indices]
+        grow = inactive[torch.topk(grow_score[inactive], count, largest=True).indices]
         mask = was_active.clone()
         mask[drop] = False
         mask[grow] = True

@@ -1,0 +1,32 @@
+# Two entry points that work on a fresh machine with only Python 3.10+: `make demo` and `make test`.
+# The virtual environment is built on first use; torch's CPU wheel is installed before the project so that pip
+# never resolves `torch` to a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test docs bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q
+
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_sparsity.py
+	$(PY) bench/bench_shift.py
+
+clean:
+	rm -rf $(VENV) site .pytest_cache .hypothesis
