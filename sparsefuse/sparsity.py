@@ -348,6 +348,8 @@ class DynamicSparsity:
         return active / sum(t.param.numel() for t in self._targets)
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_targets"):  # __init__ refused its arguments; tracebacks still call repr
+            return "DynamicSparsity(<not initialised>)"
         return (f"DynamicSparsity({len(self._targets)} weights, density={self.density():.4f}, "
                 f"granularity={self.granularity!r}, scorer={self.scorer!r}, growth={self.growth!r}, "
                 f"schedule={self.schedule!r}, step={self._step})")
