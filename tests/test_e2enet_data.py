@@ -21,12 +21,8 @@ import torch
 pytest.importorskip("monai")
 pytest.importorskip("nilearn")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # the examples live outside the installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from examples.e2enet import data  # noqa: E402
-from examples.e2enet import prepare_mni  # noqa: E402
+import data  # noqa: E402
+import prepare_mni  # noqa: E402
 
 NUM_TRAIN, NUM_TEST = 5, 2
 

@@ -13,11 +13,7 @@ import pytest
 pytest.importorskip("monai")
 nib = pytest.importorskip("nibabel")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # the examples live outside the installed package
-    sys.path.insert(0, str(REPO_ROOT))
-
-from examples.e2enet import evaluate  # noqa: E402
+import evaluate  # noqa: E402
 
 SHAPE = (24, 24, 24)
 

@@ -22,7 +22,6 @@ import sparsefuse as sf
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "e2enet"
-sys.path.insert(0, str(EXAMPLE))  # the example's modules import each other as scripts do
 
 import accounting as acc  # noqa: E402
 from model import (  # noqa: E402

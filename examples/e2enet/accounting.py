@@ -34,10 +34,7 @@ from torch import nn
 
 import sparsefuse as sf
 
-if __package__:  # imported as examples.e2enet.accounting
-    from .model import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
-else:  # run as a script, or with examples/e2enet on sys.path
-    from model import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
+from model import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
 
 __all__ = [
     "PAPER_PT_REFERENCES",

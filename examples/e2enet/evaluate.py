@@ -57,7 +57,7 @@ Summary (``evaluate_folders``; written by ``--json``, with ``null`` for undefine
 
 In-process use (the demo and comparison scripts)::
 
-    from examples.e2enet.evaluate import evaluate_folders, format_table
+    from evaluate import  # with examples/e2enet on sys.path, as the scripts run evaluate_folders, format_table
     summary = evaluate_folders(ref_dir, pred_dir, labels={"liver": 1}, nsd_tolerance_mm=1.0)
     print(format_table(summary))
 

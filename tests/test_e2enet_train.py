@@ -1,0 +1,130 @@
+"""End to end on a tiny MNI dataset: train.py (dynamic DSFF, logs, checkpoints, exact resume), predict.py, evaluate.py.
+
+The MNI dataset at 6 mm is about 25-30 voxels a side, so every run here takes seconds.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")
+pytest.importorskip("nilearn")
+
+import evaluate  # noqa: E402
+import predict  # noqa: E402
+import prepare_mni  # noqa: E402
+import train  # noqa: E402
+
+EPOCHS, ITERS = 3, 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    return prepare_mni.build_mni_dataset(root, num_train=5, num_test=1, spacing_mm=6.0)
+
+
+def run_args(dataset, out, *extra):
+    return ["--data", str(dataset), "--out", str(out), "--fold", "0", "--density", "0.2", "--preset", "cpu-demo",
+            "--epochs", str(EPOCHS), "--iters-per-epoch", str(ITERS), "--val-iters", "1", "--no-progress",
+            "--preprocessed", str(out.parent / "pre"), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished_run(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return out, train.main(run_args(dataset, out))
+
+
+def test_training_makes_real_topology_updates_at_fixed_density(finished_run):
+    out, result = finished_run
+    fold = out / "fold_0"
+    rows = list(csv.DictReader(open(fold / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(EPOCHS))
+    sparsity = result["sparsity"]
+    # 9 iterations: the interval follows the run's length (max(1, 9 // 50) = 1), so every iteration updates.
+    assert result["config"]["update_every"] == 1
+    assert len(sparsity.history) == EPOCHS * ITERS
+    assert all(r.dropped == r.grown > 0 for r in sparsity.history[:3])
+    assert sum(int(r["topology_updates"]) for r in rows) == EPOCHS * ITERS
+    assert all(abs(float(r["density"]) - 0.2) < 0.01 for r in rows)
+    # The masks are live: fusion weights outside them are exactly zero in the saved final model.
+    final = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    for name in sparsity.target_names:
+        assert torch.all(final["model"][name][~sparsity.weight_mask(name)] == 0)
+    assert (fold / "progress.png").stat().st_size > 0
+    proportions = json.loads((fold / "fusion_connections.json").read_text())
+    assert proportions and all(abs(sum(p.values()) - 1) < 1e-6 for p in proportions.values())
+    assert (out / "plans.json").is_file() and (out / "config.json").is_file()
+
+
+def test_crash_then_resume_ends_bit_identical(dataset, finished_run, tmp_path, monkeypatch, capsys):
+    _, reference = finished_run
+    out = tmp_path / "run"
+    real_save = train.save_atomic
+
+    def crash_after_epoch_1(obj, path):
+        real_save(obj, path)
+        if obj.get("epoch") == 1:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(train, "save_atomic", crash_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run_args(dataset, out))
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    capsys.readouterr()
+    resumed = train.main(run_args(dataset, out, "--resume"))
+    printed = capsys.readouterr().out
+    assert "at epoch 2" in printed and "epoch 0:" not in printed  # it continued; it did not start over
+
+    for (name, a), b in zip(reference["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert reference["sparsity"].history == resumed["sparsity"].history
+    assert [r["train_loss"] for r in reference["log"]] == [r["train_loss"] for r in resumed["log"]]
+
+
+def test_resume_with_another_configuration_is_refused(dataset, finished_run):
+    out, _ = finished_run
+    args = run_args(dataset, out, "--resume")
+    args[args.index("--density") + 1] = "0.3"
+    with pytest.raises(SystemExit, match=r"another configuration: density saved 0.2 vs now 0.3"):
+        train.main(args)
+
+
+def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path):
+    out = tmp_path / "run"
+    (out / "fold_0").mkdir(parents=True)
+    (out / "fold_0" / "checkpoint_latest.pth").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(SystemExit, match="damaged or not a checkpoint"):
+        train.main(run_args(dataset, out, "--resume"))
+
+
+def test_predict_writes_input_geometry_and_evaluates(dataset, finished_run, tmp_path):
+    out, _ = finished_run
+    images = dataset / "imagesTs"
+    written = predict.main(["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"),
+                            "--no-progress", "--tta"])
+    assert len(written) == 1
+    source = nib.load(next(images.glob("*_0000.nii.gz")))
+    pred = nib.load(written[0])
+    assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+    # Already predicted cases are skipped.
+    assert predict.main(["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"),
+                         "--no-progress"]) == []
+    summary = evaluate.evaluate_folders(dataset / "labelsTs", tmp_path / "pred",
+                                        dataset_json=dataset / "dataset.json")
+    assert set(summary["per_class_mean"]) == {"grey_matter", "white_matter", "csf_other"}
+
+
+def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path):
+    out, _ = finished_run
+    (tmp_path / "in").mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "in" / "case_0001.nii.gz")
+    with pytest.raises(SystemExit, match="case 'case' has channel files \\[1\\]"):
+        predict.main(["--model", str(out), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")])
