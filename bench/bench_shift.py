@@ -1,0 +1,164 @@
+"""Forward+backward timing of DepthShiftConv3d against plain and naive alternatives.
+
+Usage: python bench/bench_shift.py [--quick] [--threads N]
+
+All cases run in one process and are interleaved round-robin over repeats, so
+slow phases of a noisy machine hit every case alike; medians are reported with
+ratios against nn.Conv3d (1, 3, 3) in the same memory format (targets use the
+medians; the min column is a less noise-sensitive cross-check on a busy machine).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from sparsefuse.nn import DepthShiftConv3d
+
+SHIFT_GROUPS = 3
+
+
+def naive_shift(x: torch.Tensor) -> torch.Tensor:
+    """zeros_like + slice assignment (a common first implementation)."""
+    out = torch.zeros_like(x)
+    chunks = torch.chunk(x, SHIFT_GROUPS, dim=1)
+    start = 0
+    for g, chunk in enumerate(chunks):
+        s, c = g - SHIFT_GROUPS // 2, chunk.size(1)
+        if s == 0:
+            out[:, start:start + c] = chunk
+        elif s > 0:
+            out[:, start:start + c, s:] = chunk[:, :, :-s]
+        else:
+            out[:, start:start + c, :s] = chunk[:, :, -s:]
+        start += c
+    return out
+
+
+def cat_shift(x: torch.Tensor) -> torch.Tensor:
+    """torch.chunk + pad/slice + torch.cat (the authors' style)."""
+    parts = []
+    for g, chunk in enumerate(torch.chunk(x, SHIFT_GROUPS, dim=1)):
+        s = g - SHIFT_GROUPS // 2
+        if s > 0:
+            chunk = F.pad(chunk[:, :, :-s], (0, 0, 0, 0, s, 0))
+        elif s < 0:
+            chunk = F.pad(chunk[:, :, -s:], (0, 0, 0, 0, 0, -s))
+        parts.append(chunk)
+    return torch.cat(parts, dim=1)
+
+
+class ShiftThenConv(nn.Module):
+    def __init__(self, shift: Callable[[torch.Tensor], torch.Tensor], conv: nn.Conv3d) -> None:
+        super().__init__()
+        self.shift, self.conv = shift, conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.shift(x))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    # Other processes skew absolute times (and, less so, ratios): print the load to judge a run.
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "n/a"
+
+
+def step(model: nn.Module, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    model(x).sum().backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (< 20 s)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="override the number of rounds")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    ch, batch, size = 48, 2, (24, 48, 48)
+    repeats = args.repeats or (8 if args.quick else 20)
+    warmup = 2 if args.quick else 3
+
+    def make_models() -> dict[str, nn.Module]:
+        conv133 = lambda: nn.Conv3d(ch, ch, (1, 3, 3), padding=(0, 1, 1))  # noqa: E731
+        return {
+            "Conv3d(1,3,3)": conv133(),
+            "DepthShiftConv3d": DepthShiftConv3d(ch, ch, shift_groups=SHIFT_GROUPS),
+            "naive shift+conv": ShiftThenConv(naive_shift, conv133()),
+            "cat shift+conv": ShiftThenConv(cat_shift, conv133()),
+            "Conv3d(3,3,3)": nn.Conv3d(ch, ch, 3, padding=1),
+        }
+
+    formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+    cases = []
+    for fmt_name, fmt in formats.items():
+        # Fresh modules per format: Module.to(memory_format=...) works in place, and a
+        # channels_last weight would silently switch the "contiguous" conv to channels_last.
+        x = torch.randn(batch, ch, *size).to(memory_format=fmt).requires_grad_()
+        for name, model in make_models().items():
+            cases.append((fmt_name, name, model.to(memory_format=fmt), x))
+    names = list(make_models())
+
+    for _ in range(warmup):
+        for _, _, model, x in cases:
+            step(model, x)
+    times: dict[tuple[str, str], list[float]] = {(f, n): [] for f, n, _, _ in cases}
+    for _ in range(repeats):
+        for fmt_name, name, model, x in cases:  # round-robin: noise hits all cases alike
+            t0 = time.perf_counter()
+            step(model, x)
+            times[(fmt_name, name)].append(time.perf_counter() - t0)
+
+    print(f"CPU: {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} "
+          f"| python {platform.python_version()} | 1-min load {load_average()} (cores: {os.cpu_count()})")
+    print(f"input ({batch}, {ch}, {size[0]}, {size[1]}, {size[2]}) float32, forward+backward, "
+          f"shift_groups={SHIFT_GROUPS}, {repeats} interleaved rounds, median\n")
+    print(f"{'format':<17} {'case':<18} {'median ms':>10} {'vs 1x3x3':>9} {'min ms':>8} {'vs 1x3x3':>9}")
+    results = {}
+    for fmt_name in formats:
+        base = statistics.median(times[(fmt_name, "Conv3d(1,3,3)")])
+        base_min = min(times[(fmt_name, "Conv3d(1,3,3)")])
+        for name in names:
+            med, fastest = statistics.median(times[(fmt_name, name)]), min(times[(fmt_name, name)])
+            results[(fmt_name, name)] = med
+            print(f"{fmt_name:<17} {name:<18} {med * 1e3:>10.2f} {med / base:>8.2f}x "
+                  f"{fastest * 1e3:>8.2f} {fastest / base_min:>8.2f}x")
+    print()
+    ok = True
+    for fmt_name in formats:
+        shift = results[(fmt_name, "DepthShiftConv3d")]
+        for ref, limit in (("Conv3d(1,3,3)", 1.10), ("Conv3d(3,3,3)", 0.75)):
+            ratio = shift / results[(fmt_name, ref)]
+            passed = ratio <= limit
+            ok &= passed
+            print(f"target {fmt_name:<17} DepthShiftConv3d / {ref:<14} = {ratio:.3f}  "
+                  f"(<= {limit:.2f})  {'PASS' if passed else 'FAIL'}")
+    print("\nall targets PASS" if ok else "\nsome targets FAIL")
+
+
+if __name__ == "__main__":
+    main()
