@@ -34,7 +34,7 @@ def show(script: str, argv: list[str]) -> None:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--iters-per-epoch", type=int, default=25)
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--no-progress", action="store_true")

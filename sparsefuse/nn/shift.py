@@ -175,14 +175,15 @@ class DepthShiftConv3d(nn.Conv3d):
     depth tap ``1 - s`` of that channel's shift ``s``.
 
     Args:
-        in_channels, out_channels: as ``nn.Conv3d``.
+        in_channels: as ``nn.Conv3d``.
+        out_channels: as ``nn.Conv3d``.
         kernel_size: conv kernel, default (1, 3, 3).
         shift_groups: channel groups of the shift (see :class:`DepthShift`); 1 = no shift.
         shift_dim: axis to shift, 2 = depth, 3 = height, 4 = width.
         padding: default pads ``dilation * (k - 1) // 2`` per axis (timm's
             ``get_padding``), i.e. "same" for odd kernels at stride 1.
-        **kwargs: stride, dilation, groups, bias, padding_mode, device, dtype, as
-            ``nn.Conv3d``.
+        stride: as ``nn.Conv3d``; likewise ``dilation``, ``groups``, ``bias``,
+            ``padding_mode``, ``device`` and ``dtype``.
 
     Shape:
         input (B, in_channels, D, H, W) -> output (B, out_channels, D', H', W') as
