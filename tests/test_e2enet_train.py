@@ -128,3 +128,21 @@ def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "in" / "case_0001.nii.gz")
     with pytest.raises(SystemExit, match="case 'case' has channel files \\[1\\]"):
         predict.main(["--model", str(out), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")])
+
+
+def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tmp_path):
+    out = tmp_path / "dynunet"
+    args = run_args(dataset, out, "--arch", "dynunet")
+    args[args.index("--density") + 1] = "1.0"
+    args[args.index("--epochs") + 1] = "1"
+    result = train.main(args)
+    assert result["sparsity"] is None and type(result["model"]).__name__ == "DynUNet"
+    assert json.loads((out / "config.json").read_text())["arch"] == "dynunet"
+    written = predict.main(["--model", str(out), "--input", str(dataset / "imagesTs"), "--output",
+                            str(tmp_path / "pred"), "--no-progress"])
+    assert len(written) == 1
+
+
+def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2

@@ -51,8 +51,13 @@ import sparsefuse as sf
 
 __all__ = [
     "PRESETS",
+    "DYNUNET_PRESETS",
     "E2ENet",
     "build_e2enet",
+    "build_dynunet",
+    "build_model",
+    "network_stride",
+    "output_list",
     "deep_supervision_weights",
     "e2enet_fusion_targets",
     "is_fusion_conv",
@@ -339,6 +344,60 @@ def build_e2enet(preset: str = "paper", *, in_channels: int, num_classes: int, *
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return E2ENet(in_channels, num_classes, **{**PRESETS[preset], **overrides})
+
+
+# MONAI DynUNet configured like nnU-Net 3d_fullres for isotropic data (the paper's strongest baseline): two
+# 3x3x3 conv + InstanceNorm + LeakyReLU per stage, stride-2 convs, transposed-conv upsampling, deep supervision.
+# "paper" is nnU-Net's 128^3 plan (32 -> 320 channels, 5 pools); "cpu-demo" matches E2ENet cpu-demo's depth and
+# widths (3 pools, 8 -> 64) so the two compare under the same patch and iteration budget.
+DYNUNET_PRESETS: dict[str, dict] = {
+    "paper": dict(filters=(32, 64, 128, 256, 320, 320)),
+    "cpu-demo": dict(filters=(8, 16, 32, 64)),
+}
+
+
+def build_dynunet(preset: str = "paper", *, in_channels: int, num_classes: int) -> nn.Module:
+    """MONAI ``DynUNet`` as nnU-Net 3d_fullres builds it (see ``DYNUNET_PRESETS``)."""
+    from monai.networks.nets import DynUNet  # the baseline is the only MONAI network here
+
+    if preset not in DYNUNET_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(DYNUNET_PRESETS)}")
+    filters = DYNUNET_PRESETS[preset]["filters"]
+    stages = len(filters)
+    return DynUNet(3, in_channels, num_classes, kernel_size=[3] * stages, strides=[1] + [2] * (stages - 1),
+                   upsample_kernel_size=[2] * (stages - 1), filters=filters, norm_name=("INSTANCE", {"affine": True}),
+                   deep_supervision=True, deep_supr_num=max(1, stages - 3))
+
+
+ARCHITECTURES = ("e2enet", "dynunet")
+
+
+def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int) -> nn.Module:
+    """``"e2enet"`` (:func:`build_e2enet`) or ``"dynunet"`` (:func:`build_dynunet`) at a preset."""
+    if arch == "e2enet":
+        return build_e2enet(preset, in_channels=in_channels, num_classes=num_classes)
+    if arch == "dynunet":
+        return build_dynunet(preset, in_channels=in_channels, num_classes=num_classes)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def network_stride(model: nn.Module) -> Stride:
+    """Total downsampling per axis: patches must be multiples of it."""
+    if isinstance(model, E2ENet):
+        return model.total_stride
+    d = h = w = 1
+    for stride in model.strides:  # DynUNet
+        sd, sh, sw = (stride,) * 3 if isinstance(stride, int) else stride
+        d, h, w = d * sd, h * sh, w * sw
+    return d, h, w
+
+
+def output_list(outputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """Training outputs as a list, full resolution first: E2ENet returns a list; DynUNet stacks its
+    deep-supervision maps, upsampled to full resolution, along dim 1 (B, N, C, D, H, W)."""
+    if isinstance(outputs, torch.Tensor):
+        return list(outputs.unbind(1)) if outputs.dim() == 6 else [outputs]
+    return list(outputs)
 
 
 def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:

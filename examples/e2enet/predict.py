@@ -25,7 +25,7 @@ from monai.inferers import sliding_window_inference
 from tqdm import tqdm
 
 from data import preprocess_case, revert_preprocessing, to_network_layout
-from model import build_e2enet
+from model import build_model
 
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
 
@@ -60,7 +60,8 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
         if not path.is_file():
             raise SystemExit(f"fold {fold}: {path} not found; train it or leave it out of --folds")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        model = build_e2enet(config["preset"], in_channels=config["in_channels"], num_classes=config["num_classes"])
+        model = build_model(config["arch"], config["preset"], in_channels=config["in_channels"],
+                            num_classes=config["num_classes"])
         model.load_state_dict(state["model"])
         models.append(model.to(device, memory_format=torch.channels_last_3d).eval())
     return models, plans, config, folds

@@ -2,13 +2,15 @@
 
     python examples/e2enet/train.py --data DATASET_DIR --out RUN_DIR --fold 0 --density 0.2 --preset cpu-demo
         [--epochs E] [--iters-per-epoch N] [--update-every K] [--resume] [--static] [--no-progress]
+        [--arch e2enet|dynunet]
 
 The authors' recipe, corrected (see docs/e2enet.md): SGD lr 0.01, momentum 0.99, Nesterov, weight decay 3e-5,
 poly(0.9) learning rate set once per epoch, Dice + CE with deep supervision (8/15, 4/15, 2/15, 1/15), gradient
 norm clipped to 12, and DSFF: the fusion conv and transposed-conv weights keep a fraction ``density`` of their
 kernels; every ``update_every`` iterations the lowest-L1 kernels are dropped and as many regrown at random, the
 number following a cosine decay. The authors' `--fix` flag bug made their README run static; here the run is
-dynamic unless ``--static`` asks for the static ablation.
+dynamic unless ``--static`` asks for the static ablation. ``--arch dynunet`` trains the dense baseline (MONAI
+DynUNet configured like nnU-Net 3d_fullres) with the same recipe.
 
 The update interval and the cosine horizon follow the run's length unless set: the paper makes about 208 updates
 in 250,000 iterations (every 1200); a run of N iterations updates every ``min(1200, max(1, N // 50))`` iterations,
@@ -38,7 +40,7 @@ from tqdm import tqdm
 import sparsefuse as sf
 from data import (TrainLoader, default_preprocessed_dir, fold_cases, plan_and_preprocess, preprocessed_data_dir,
                   to_network_layout)
-from model import build_e2enet, deep_supervision_weights, e2enet_fusion_targets
+from model import ARCHITECTURES, build_model, deep_supervision_weights, e2enet_fusion_targets, network_stride, output_list
 
 # -------------------------------------------------------------------------------------------------- settings
 # Per preset: network and the run length / patch budget a preset is meant for. Flags override them.
@@ -52,7 +54,7 @@ LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12
 DROP_FRACTION = 0.5  # the paper's death rate alpha
 PAPER_UPDATE_EVERY = 1200
 # What must match for --resume to continue a run rather than silently start another experiment.
-RESUME_KEYS = ("preset", "fold", "density", "static", "epochs", "iters_per_epoch", "update_every", "seed",
+RESUME_KEYS = ("arch", "preset", "fold", "density", "static", "epochs", "iters_per_epoch", "update_every", "seed",
                "preprocessing_hash", "patch_size", "batch_size")
 
 
@@ -63,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fold", default="0", help="0-4, or 'all' to train on every case")
     p.add_argument("--density", type=float, default=0.2, help="fraction of fusion kernels kept (1.0 = dense)")
     p.add_argument("--preset", choices=sorted(PRESET_RUNS), default="cpu-demo")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="e2enet",
+                   help="dynunet: MONAI DynUNet configured like nnU-Net 3d_fullres, the dense baseline")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--val-iters", type=int, default=None, help="validation batches per epoch (pseudo-Dice)")
@@ -79,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if not 0.0 < args.density <= 1.0:
         p.error(f"--density must be in (0, 1], got {args.density}")
+    if args.arch != "e2enet" and (args.density < 1.0 or args.static):
+        p.error("--density < 1 and --static sparsify E2ENet's fusion layers; use them with --arch e2enet")
     if args.epochs < 1 or args.iters_per_epoch < 1:
         p.error("--epochs and --iters-per-epoch must be positive")
     total = args.epochs * args.iters_per_epoch
@@ -126,9 +132,11 @@ def fusion_connection_proportions(model, sparsity) -> dict[str, dict[str, float]
     The first conv of node x(i, j) reads concat[forward (c_i), up (c_i), down (c_{i-1}, levels i >= 1)].
     """
     proportions = {}
+    if sparsity is None:
+        return proportions
     for key, node in model.fusion.items():
         name = f"fusion.{key}.convs.0.conv.weight"
-        if sparsity is None or name not in sparsity.target_names:
+        if name not in sparsity.target_names:
             continue
         per_input = sparsity.masks[name].sum(0)  # active kernels per input channel
         c = node.up.out_channels
@@ -198,7 +206,7 @@ def main(argv=None) -> dict:
 
     # ---- data: plan (patch a multiple of the network's stride), preprocess (cached), split
     with torch.device("meta"):  # only the stride is needed here
-        stride = build_e2enet(args.preset, in_channels=1, num_classes=2).total_stride
+        stride = network_stride(build_model(args.arch, args.preset, in_channels=1, num_classes=2))
     preprocessed = args.preprocessed or default_preprocessed_dir(args.data)
     plans, _ = plan_and_preprocess(args.data, preprocessed, network_stride=list(stride),
                                    patch_voxel_budget=args.patch_voxel_budget,
@@ -208,18 +216,18 @@ def main(argv=None) -> dict:
     train_ids, val_ids = fold_cases(preprocessed, case_ids, args.fold)
     in_channels, num_classes = len(plans["channel_names"]), plans["num_classes"]
     config = {
-        "preset": args.preset, "fold": str(args.fold), "density": args.density, "static": args.static,
+        "arch": args.arch, "preset": args.preset, "fold": str(args.fold), "density": args.density, "static": args.static,
         "epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch, "update_every": args.update_every,
         "seed": args.seed, "in_channels": in_channels, "num_classes": num_classes,
         "preprocessing_hash": plans["preprocessing_hash"], "patch_size": plans["patch_size"],
         "batch_size": plans["batch_size"], "dataset": str(args.data),
     }
     (args.out / "plans.json").write_text(json.dumps(plans, indent=1))
-    (args.out / "config.json").write_text(json.dumps({k: config[k] for k in ("preset", "in_channels", "num_classes")}))
+    (args.out / "config.json").write_text(json.dumps({k: config[k] for k in ("arch", "preset", "in_channels", "num_classes")}))
 
     # ---- model, optimizer, sparsity, loss
     torch.manual_seed(args.seed)
-    model = build_e2enet(args.preset, in_channels=in_channels, num_classes=num_classes).to(device)
+    model = build_model(args.arch, args.preset, in_channels=in_channels, num_classes=num_classes).to(device)
     model = model.to(memory_format=torch.channels_last_3d)  # (1,3,3) convs run up to 3x faster in this layout
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
@@ -257,7 +265,7 @@ def main(argv=None) -> dict:
     elif args.resume:
         print(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
 
-    print(f"E2ENet {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, "
+    print(f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, "
           f"{'static' if args.static else 'dynamic'} density {args.density}, fold {args.fold} "
           f"({len(train_ids)} train / {len(val_ids)} val cases), patch {plans['patch_size']} x batch "
           f"{plans['batch_size']}, {total_iters} iterations, topology update every {args.update_every}")
@@ -275,7 +283,7 @@ def main(argv=None) -> dict:
             batch = next(train_loader)
             image = to_network_layout(batch["image"]).to(device, memory_format=torch.channels_last_3d)
             label = to_network_layout(batch["label"]).to(device)
-            loss = deep_supervision_loss(loss_fn, model(image), label)
+            loss = deep_supervision_loss(loss_fn, output_list(model(image)), label)
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss ({loss.item()}) at epoch {epoch}; training stopped. The last good "
                                  f"checkpoint is {checkpoint_path} (epoch {epoch - 1}); lower the learning rate or "
