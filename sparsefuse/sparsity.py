@@ -79,12 +79,13 @@ class _Target:
         self.group_size = granularity.group_size(param.shape)
         self.target_density = density
         self.mask: Tensor = torch.ones(self.groups_shape, dtype=torch.bool, device=param.device)
-        self.inactive: Tensor = self.mask
+        self.keep: Tensor = self.mask
 
     def set_mask(self, mask: Tensor) -> None:
         self.mask = mask.to(device=self.param.device, dtype=torch.bool).reshape(self.groups_shape)
-        # Broadcastable, not expanded: masked_fill_ then costs no weight-sized allocation for kernel/channel masks.
-        self.inactive = ~self.granularity.expand(self.mask, self.param.shape)
+        # A 0/1 tensor in the weight's dtype, broadcastable rather than expanded (kernel and channel masks stay
+        # tiny): an in-place multiply by it is ~20x faster on CPU than masked_fill_ with a bool mask.
+        self.keep = self.granularity.expand(self.mask, self.param.shape).to(self.param.dtype)
 
     @property
     def active(self) -> int:
@@ -252,10 +253,10 @@ class DynamicSparsity:
     def _apply_masks(self, targets: Iterable[_Target] | None = None) -> None:
         state = self.optimizer.state if self.optimizer is not None else {}
         for t in self._targets if targets is None else targets:
-            t.param.masked_fill_(t.inactive, 0.0)
+            t.param.mul_(t.keep)
             for value in state.get(t.param, {}).values():
                 if isinstance(value, Tensor) and value.shape == t.param.shape:
-                    value.masked_fill_(t.inactive, 0.0)
+                    value.mul_(t.keep)
 
     def step(self) -> UpdateReport | None:
         """Call after every ``optimizer.step()``. Re-zeroes inactive weights and their optimizer state; on an
