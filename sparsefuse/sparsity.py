@@ -12,11 +12,13 @@ weight decay can revive a dropped group.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import growth as growth_policies
@@ -102,6 +104,36 @@ def _default_reinit(weight: Tensor, generator: torch.Generator) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
 
 
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel wrappers: its names lack the wrappers' ``module.`` prefix."""
+    while isinstance(model, _WRAPPERS):
+        model = model.module
+    return model
+
+
+def _collective_device(group) -> torch.device | None:
+    """Where ``group``'s backend wants collective tensors: CPU for gloo/mpi, the current GPU for nccl, else None
+    (the caller then uses the weights' device)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "mpi" in backend:  # "cpu:gloo,cuda:nccl" takes CPU tensors too
+        return torch.device("cpu")
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _by_value(values: list, ranks: list[int], fmt: Callable = str) -> str:
+    """'8 on ranks [0, 2]; 7 on rank [1]': which ranks hold which value, most common value first."""
+    groups: dict = {}
+    for value, rank in zip(values, ranks):
+        groups.setdefault(value, []).append(rank)
+    ordered = sorted(groups.items(), key=lambda item: (-len(item[1]), item[1]))
+    return "; ".join(f"{fmt(v)} on rank{'s' if len(r) > 1 else ''} {r}" for v, r in ordered)
+
+
 class DynamicSparsity:
     """Dynamic sparse training for any ``nn.Module``.
 
@@ -125,6 +157,19 @@ class DynamicSparsity:
             Conv/Linear init) or a callable ``(weight_like_tensor, generator) -> None`` that fills its argument.
         seed: every random draw is keyed by (seed, step, layer index), never the global RNG, so replicas (DDP ranks)
             make identical decisions and a resumed run continues bit-identically.
+
+    Under DistributedDataParallel, build it on every rank with the same arguments, from the DDP model or from
+    ``ddp.module``: either works, because DDP and DataParallel wrappers are unwrapped, so target names, ``density``
+    keys and ``state_dict()`` keys never carry DDP's ``module.`` prefix (checkpoints move between wrapped and
+    unwrapped runs). No communication is needed: every decision depends only on (seed, step, layer index) and on
+    weights and gradients that DDP keeps identical across ranks. Gradient growth sees the DDP-averaged gradients:
+    DDP all-reduces ``.grad`` during ``backward()``, before ``optimizer.step()`` and ``step()``. Call
+    :meth:`verify` now and then to check that the ranks still agree.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision run, or None. When the scaler skipped the
+            optimizer step (non-finite gradients), ``step()`` neither advances the schedule nor changes the
+            topology: the step does not count, exactly as for the optimizer. Skips are detected by the scale
+            dropping in ``scaler.update()``, so call ``step()`` after ``scaler.step(optimizer)`` and
+            ``scaler.update()``. Gradient growth then reads gradients that ``scaler.step`` already unscaled.
     """
 
     def __init__(
@@ -140,6 +185,7 @@ class DynamicSparsity:
         distribution: str = "uniform",
         regrow_init: str | Callable[[Tensor, torch.Generator], None] = "zeros",
         seed: int = 0,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -156,14 +202,19 @@ class DynamicSparsity:
                              f"got {regrow_init!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.model, self.optimizer = model, optimizer
+        self.model, self.optimizer = _unwrap_model(model), optimizer  # DDP's "module." prefix never shows
         self.scorer = scorer if scorer is not None else scorers.L1()
         self.growth = growth if growth is not None else growth_policies.Random()
         for role, policy in (("scorer", self.scorer), ("growth", self.growth)):
             if not callable(policy):
                 raise TypeError(f"{role} must be callable (weight, grad, granularity, generator) -> group scores, "
                                 f"got {type(policy).__name__}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         self.schedule, self.distribution, self.regrow_init, self.seed = schedule, distribution, regrow_init, seed
+        self.scaler = scaler
+        # The scale before the first update is the scaler's initial scale (get_scale() returns it until then).
+        self._last_scale = scaler.get_scale() if scaler is not None else None
         self.granularity = get_granularity(granularity)
         self.history: list[UpdateReport] = []
         self._step = 0
@@ -202,8 +253,10 @@ class DynamicSparsity:
             names = list(targets)
             unknown = [n for n in names if n not in params]
             if unknown:
+                hint = ("; DDP/DataParallel wrappers are unwrapped, so drop the 'module.' prefix"
+                        if any(n.startswith("module.") for n in unknown) else "")
                 raise ValueError(f"targets name parameters the model does not have: {unknown}; "
-                                 f"valid names are those of model.named_parameters(), e.g. {list(params)[:5]}")
+                                 f"valid names are those of model.named_parameters(), e.g. {list(params)[:5]}{hint}")
             for name in names:
                 owner = name.rpartition(".")[0]
                 found[name] = (params[name], self.model.get_submodule(owner))
@@ -260,7 +313,11 @@ class DynamicSparsity:
 
     def step(self) -> UpdateReport | None:
         """Call after every ``optimizer.step()``. Re-zeroes inactive weights and their optimizer state; on an
-        update step, drops and regrows groups and returns the :class:`UpdateReport` (else ``None``)."""
+        update step, drops and regrows groups and returns the :class:`UpdateReport` (else ``None``).
+
+        With a ``scaler`` that skipped this optimizer step, returns None and counts nothing (see ``scaler``)."""
+        if self._optimizer_step_skipped():
+            return None
         self._step += 1
         self._apply_masks()
         if self.schedule is None or not self.schedule.is_update(self._step):
@@ -268,6 +325,13 @@ class DynamicSparsity:
         report = self._update(self._step, self.schedule.fraction(self._step))
         self.history.append(report)
         return report
+
+    def _optimizer_step_skipped(self) -> bool:
+        if self.scaler is None or not self.scaler.is_enabled():
+            return False
+        scale, previous = self.scaler.get_scale(), self._last_scale
+        self._last_scale = scale
+        return scale < previous  # update() backs the scale off exactly when it skipped the step
 
     @torch.no_grad()
     def _update(self, step: int, fraction: float) -> UpdateReport:
@@ -279,6 +343,11 @@ class DynamicSparsity:
                 raise RuntimeError(
                     f"{t.name!r} has no gradient at update step {step}, but {self.scorer!r}/{self.growth!r} needs "
                     f"one; call sparsity.step() after optimizer.step() and before optimizer.zero_grad()")
+            if needs_grad and not bool(torch.isfinite(grad).all()):
+                raise RuntimeError(
+                    f"{t.name!r} has a non-finite gradient at update step {step}; gradient growth cannot rank it. "
+                    f"With mixed precision pass scaler=GradScaler to DynamicSparsity so skipped steps are skipped "
+                    f"here too; otherwise the run has diverged (lower the learning rate, clip gradients)")
             active = t.active
             # Truncation as in RigL; capped so every regrown group was inactive before the update.
             count = min(int(fraction * active), t.num_groups - active)
@@ -355,6 +424,78 @@ class DynamicSparsity:
                 f"granularity={self.granularity!r}, scorer={self.scorer!r}, growth={self.growth!r}, "
                 f"schedule={self.schedule!r}, step={self._step})")
 
+    # ----------------------------------------------------------------------------------------- distributed
+    def _fingerprint(self) -> tuple[Tensor, Tensor]:
+        """(header, per-layer table) as int64: [step, seed, number of targets, CRC32 of names and group shapes]
+        and one [active groups, CRC32 of the packed mask bits] row per target."""
+        layout = repr([(t.name, tuple(t.groups_shape)) for t in self._targets]).encode()
+        header = torch.tensor([self._step, self.seed % 2**63, len(self._targets), zlib.crc32(layout)],
+                              dtype=torch.int64)
+        rows = [[t.active, zlib.crc32(np.packbits(t.mask.reshape(-1).cpu().numpy()).tobytes())]
+                for t in self._targets]
+        return header, torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
+
+    def verify(self, group=None) -> None:
+        """Check that every rank of ``group`` (default: all) holds the same masks and step count.
+
+        Opt-in, for DDP runs: ranks never communicate about masks, they agree because their decisions are keyed
+        by (seed, step, layer index) and DDP keeps weights and gradients identical. This checks it. A collective:
+        every rank of ``group`` must call it at the same point, or the others wait until the process group's
+        timeout. Cost: a CRC32 of every group mask on the CPU (a device-to-host copy of the masks, which are tiny
+        for kernel granularity) and two ``all_gather`` of a few int64 per layer; call it every few hundred steps
+        or once per epoch, not every step of a large model.
+
+        If ``torch.distributed`` is not available or not initialised (single-process training) it does nothing.
+
+        Raises:
+            RuntimeError: on every rank alike (so no rank is left waiting), when the ranks disagree. It names the
+                first layer whose mask differs and which ranks hold which mask, the step counts, seeds and targets
+                where those differ, and the likely causes.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = group if group is not None else dist.group.WORLD
+        ranks = list(dist.get_process_group_ranks(world))
+        device = _collective_device(group)
+        if device is None:
+            device = self._targets[0].param.device
+
+        def gather(local: Tensor) -> list[tuple[int, ...]]:
+            out = [torch.empty_like(local, device=device) for _ in ranks]
+            dist.all_gather(out, local.to(device), group=group)
+            return [tuple(o.cpu().reshape(-1).tolist()) for o in out]
+
+        header, table = self._fingerprint()
+        headers = gather(header)
+        problems = []
+        steps, seeds = [h[0] for h in headers], [h[1] for h in headers]
+        if len(set(steps)) > 1:
+            problems.append(f"step counts differ: {_by_value(steps, ranks)}")
+        if len(set(seeds)) > 1:
+            problems.append(f"seeds differ: {_by_value(seeds, ranks)}")
+        if len({h[2:] for h in headers}) > 1:  # the layer tables would not even line up
+            problems.append(f"targets differ (names or group shapes): "
+                            f"{_by_value([h[2] for h in headers], ranks, lambda n: f'{n} targets')}; "
+                            f"this rank's targets are {list(self.target_names)}")
+        else:
+            n = len(self._targets)
+            tables = [[row[2 * i:2 * i + 2] for i in range(n)] for row in gather(table)]
+            differing = [i for i in range(n) if len({tuple(tab[i]) for tab in tables}) > 1]
+            if differing:
+                i = differing[0]
+                masks = _by_value([tuple(tab[i]) for tab in tables], ranks,
+                                  lambda v: f"{v[0]} active groups (crc32 {v[1]:#010x})")
+                more = f" ({len(differing) - 1} more layers differ too)" if len(differing) > 1 else ""
+                problems.append(f"mask of {self._targets[i].name!r} (target {i}) differs: {masks}{more}")
+        if problems:
+            when = f" at step {self._step}" if len(set(steps)) == 1 else ""
+            raise RuntimeError(
+                f"DynamicSparsity.verify(): ranks disagree{when}: " + "; ".join(problems)
+                + ". Likely causes: DynamicSparsity built with different seeds, targets, density or granularity on "
+                  "some rank; a rank that skipped or repeated sparsity.step() (a batch skipped on one rank only, "
+                  "an early `continue`); gradients not all-reduced before an update step (model.no_sync(), a "
+                  "parameter outside DDP); or masks changed on one rank only (load_state_dict on one rank).")
+
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         """Masks, step (schedule position), seed (all randomness is keyed by it and the step) and history."""
@@ -363,6 +504,7 @@ class DynamicSparsity:
             "seed": self.seed,
             "masks": {t.name: t.mask.cpu().clone() for t in self._targets},
             "history": [r.to_dict() for r in self.history],
+            "last_scale": self._last_scale,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -387,4 +529,5 @@ class DynamicSparsity:
             self._by_name[name].set_mask(mask)
         self._step, self.seed = int(state["step"]), int(state["seed"])
         self.history = [UpdateReport.from_dict(r) for r in state.get("history", [])]
+        self._last_scale = state.get("last_scale", self._last_scale)
         self._apply_masks()
