@@ -475,7 +475,7 @@ class DynamicSparsity:
             problems.append(f"seeds differ: {_by_value(seeds, ranks)}")
         if len({h[2:] for h in headers}) > 1:  # the layer tables would not even line up
             problems.append(f"targets differ (names or group shapes): "
-                            f"{_by_value([h[2] for h in headers], ranks, lambda n: f'{n} targets')}; "
+                            f"{_by_value([h[2] for h in headers], ranks, lambda n: f'{n} target' + 's' * (n != 1))}; "
                             f"this rank's targets are {list(self.target_names)}")
         else:
             n = len(self._targets)

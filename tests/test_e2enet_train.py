@@ -146,3 +146,35 @@ def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tm
 def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
     with pytest.raises(SystemExit):
         train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2
+
+
+def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_identical(dataset, finished_run,
+                                                                                        tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    _, reference = finished_run
+    out = tmp_path / "run"
+    script = Path(train.__file__)
+    # One thread, like the in-process reference run (conftest), so the arithmetic is identical.
+    cmd = [sys.executable, str(script), *run_args(dataset, out), "--threads", "1"]
+    checkpoint = out / "fold_0" / "checkpoint_latest.pth"
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.5))  # somewhere in a later epoch, possibly mid-save
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(checkpoint, weights_only=False)  # the file on disk is always a whole checkpoint
+    log = (out / "fold_0" / "log.csv").read_text().splitlines()
+    assert saved["epoch"] >= len(log) - 2  # header + logged epochs: the log never runs ahead of the checkpoint
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    for name, value in reference["model"].state_dict().items():
+        assert torch.equal(value, final["model"][name]), name

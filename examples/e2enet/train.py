@@ -324,15 +324,16 @@ def main(argv=None) -> dict:
               f"{row['pseudo_dice']:.4f}, density {row['density']:.4f}, lr {lr:.5f}, {updates} updates, "
               f"{row['seconds']:.1f} s")
 
+        # Checkpoint first: the log on disk never runs ahead of what --resume restores.
+        save_atomic({"epoch": epoch, "config": config, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "sparsity": sparsity.state_dict() if sparsity else None,
+                     "train_loader": train_loader.state_dict(), "val_loader": val_loader.state_dict(),
+                     "torch_rng": torch.get_rng_state(), "log": rows}, checkpoint_path)
         with open(fold_dir / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
             writer.writeheader()
             writer.writerows(rows)
         plot_progress(rows, [r["epoch"] for r in rows if r["topology_updates"]], fold_dir / "progress.png")
-        save_atomic({"epoch": epoch, "config": config, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "sparsity": sparsity.state_dict() if sparsity else None,
-                     "train_loader": train_loader.state_dict(), "val_loader": val_loader.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "log": rows}, checkpoint_path)
 
     # ---- final artefacts
     save_atomic({"config": config, "model": model.state_dict(),
