@@ -27,7 +27,9 @@ def test_update_steps_are_multiples_of_every_up_to_stop():
 
 
 def rigl_erk(shapes: dict, density: float, erk: bool = True) -> dict:
-    """RigL's `get_sparsities_erdos_renyi` (google-research/rigl sparse_utils.py), ported line by line."""
+    """RigL's `get_sparsities_erdos_renyi` (google-research/rigl sparse_utils.py), ported without its
+    per-layer floor of zero counts (sparsefuse solves the exact budget; tests/test_differential.py pins the
+    difference against sparsimony, which floors as RigL does)."""
     dense_layers: set = set()
     while True:
         divisor, rhs, raw = 0.0, 0.0, {}
