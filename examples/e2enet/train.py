@@ -179,7 +179,7 @@ def plot_fusion_connections(proportions: dict[str, dict[str, float]], path: Path
     import matplotlib.pyplot as plt
 
     nodes = sorted(proportions, key=lambda k: (int(k.split("_")[1]), int(k.split("_")[0])))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(nodes)), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(nodes) + 2), 4))
     bottom = np.zeros(len(nodes))
     for flow, color in (("up", "tab:orange"), ("forward", "tab:blue"), ("down", "tab:green")):
         values = np.array([proportions[n][flow] for n in nodes])
@@ -187,8 +187,8 @@ def plot_fusion_connections(proportions: dict[str, dict[str, float]], path: Path
         bottom += values
     ax.set_xlabel("fusion node x(level, stage)")
     ax.set_ylabel("share of active kernels")
-    ax.set_title("Fusion connections by direction (first conv of each node, live masks)")
-    ax.legend()
+    ax.set_title("Active fusion kernels by input flow (first conv of each node)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
