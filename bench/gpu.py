@@ -1,0 +1,293 @@
+"""GPU benchmark at the paper's scale: E2ENet (density 1.0 and 0.2) against DynUNet (nnU-Net 3d_fullres).
+
+One prepared script for whenever a GPU is lent. Per model, run one after another (a GPU is not a shared noisy CPU,
+and sequential cases give clean per-case peak memory):
+
+* training step: batch 2 x 1 x 128^3, fp16 autocast + GradScaler, channels_last_3d, nnU-Net's SGD (momentum 0.99,
+  Nesterov, weight decay 3e-5), loss = sum of the deep-supervision outputs' mean squares (fp32); for density 0.2,
+  ``sf.DynamicSparsity(model, optimizer, density=0.2, targets=e2enet_fusion_targets, granularity="kernel",
+  scaler=scaler)`` with ``sparsity.step()`` after ``scaler.step(optimizer)`` and ``scaler.update()`` (static masks:
+  every step re-masks, no topology update falls inside the timed steps);
+* inference: the same model in eval mode, ``torch.inference_mode()``, fp16 autocast, batch 1 x 1 x 128^3.
+
+Time: median of --steps calls after --warmup calls (cudnn.benchmark is on, so the first calls pick algorithms),
+each call bracketed by ``torch.cuda.synchronize()``. Peak memory: ``torch.cuda.max_memory_allocated()`` over the
+timed calls, reset after warm-up (so it is the steady state: parameters, gradients, momentum and activations, not
+cudnn's one-off benchmarking workspaces). A case that runs out of memory is reported as "OOM"; the others go on. A
+time budget (--budget-s) skips what would not fit.
+
+Prints a markdown table with the GPU name and torch version; writes the same as JSON to $OUT/gpu_bench.json when
+$OUT is set.
+
+    python bench/gpu.py                 # on a GPU
+    python bench/gpu.py --dry-run       # same code path on CPU: cpu-demo preset, 32^3, bf16 autocast, < 60 s
+
+DynUNet needs MONAI. Where it is not installed (the lent GPU machines have no MONAI and no network), put it in
+``<repo>/.gpu_deps`` (e.g. ``pip install --no-deps --target .gpu_deps monai``, or copy the venv's ``monai`` folder
+there), ignore that folder in ``.git/info/exclude`` and carry it; this script adds it to ``sys.path``. Without it
+the DynUNet rows say "unavailable".
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for extra in (REPO / ".gpu_deps", REPO, REPO / "examples" / "e2enet"):  # MONAI if carried, sparsefuse, the example
+    if extra.is_dir():
+        sys.path.insert(0, str(extra))
+
+import torch  # noqa: E402
+
+import sparsefuse as sf  # noqa: E402
+from model import build_dynunet, build_e2enet, e2enet_fusion_targets, output_list  # noqa: E402
+
+IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
+DENSITY = 0.2
+GIB = 2**30
+
+
+class Clock:
+    """Wall-clock seconds since start, and whether a budget is spent."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start, self.budget_s = time.perf_counter(), budget_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed(fn, device: torch.device, warmup: int, steps: int, clock: Clock, case_budget_s: float) -> dict:
+    """Median seconds of ``fn`` over up to ``steps`` calls after ``warmup``; stops early (>= 3 calls) past the
+    case's time budget. Peak memory over the timed calls."""
+    for _ in range(warmup):
+        fn()
+    reset_peak(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 3 and (time.perf_counter() - started > case_budget_s or clock.left() < 0):
+            break
+    return {"ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "calls": len(times),
+            "peak_gib": peak_gib(device)}
+
+
+def build(arch: str, preset: str, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "E2ENet":
+        model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+    else:
+        model = build_dynunet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+    return model.to(device, memory_format=torch.channels_last_3d)
+
+
+def train_case(model, density: float, args, device, amp_dtype, clock: Clock, case_budget_s: float) -> dict:
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    use_scaler = amp_dtype == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    sparsity = None
+    if density < 1.0:
+        sparsity = sf.DynamicSparsity(model, optimizer, density=density, targets=e2enet_fusion_targets,
+                                      granularity="kernel", scaler=scaler)
+    x = torch.randn(args.batch, IN_CHANNELS, *(args.patch,) * 3, device=device)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype):
+            outputs = output_list(model(x))
+        loss = sum(o.float().square().mean() for o in outputs)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if sparsity is not None:
+            sparsity.step()
+
+    result = timed(step, device, args.warmup, args.steps, clock, case_budget_s)
+    optimizer.zero_grad(set_to_none=True)
+    if sparsity is not None:
+        weights = [t for name, t in model.named_parameters() if "fusion" in name.split(".") and t.dim() == 5]
+        result["fusion_zero_fraction"] = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    return result
+
+
+def inference_case(model, args, device, amp_dtype, clock: Clock, case_budget_s: float) -> dict:
+    model.eval()
+    model.zero_grad(set_to_none=True)  # a training case that ran out of memory may have left gradients
+    x = torch.randn(1, IN_CHANNELS, *(args.patch,) * 3, device=device)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+
+    def forward():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype):
+            model(x)
+
+    return timed(forward, device, args.warmup, args.steps, clock, case_budget_s)
+
+
+def guarded(fn, device: torch.device) -> dict:
+    """Run one measurement; an out-of-memory error becomes {"error": "OOM"} and the memory is released."""
+    failed = None
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        failed = "OOM"
+    except RuntimeError as err:  # cuDNN/cuBLAS allocation failures surface as plain RuntimeErrors
+        if "out of memory" not in str(err).lower() and "CUDNN_STATUS_ALLOC_FAILED" not in str(err):
+            raise
+        failed = "OOM"
+    free_memory(device)  # outside the except block: the traceback no longer pins the case's tensors
+    return {"error": failed}
+
+
+def run_model(arch: str, density: float, args, device, amp_dtype, clock: Clock) -> dict:
+    row = {"model": arch, "density": density, "preset": args.preset}
+    if clock.left() < 30:
+        return {**row, "train": {"error": "skipped (time budget)"}, "inference": {"error": "skipped (time budget)"}}
+    try:
+        model = build(arch, args.preset, device)
+    except ImportError as err:
+        missing = f"unavailable ({err.name or err} not installed)"
+        return {**row, "train": {"error": missing}, "inference": {"error": missing}}
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["train"] = guarded(lambda: train_case(model, density, args, device, amp_dtype, clock, args.case_budget_s),
+                           device)
+    row["inference"] = guarded(lambda: inference_case(model, args, device, amp_dtype, clock,
+                                                      args.case_budget_s / 2), device)
+    del model
+    free_memory(device)
+    print(f"  done {arch} density {density} at {clock.elapsed():.0f} s: train {row['train']}, "
+          f"inference {row['inference']}", flush=True)
+    return row
+
+
+def cell_ms(result: dict, ref: dict | None) -> tuple[str, str]:
+    if "error" in result:
+        return result["error"], ""
+    ratio = f"{result['ms'] / ref['ms']:.2f}x" if ref and "ms" in ref else ""
+    return f"{result['ms']:.1f}", ratio
+
+
+def cell_gib(result: dict) -> str:
+    if "error" in result:
+        return result["error"]
+    return "n/a (CPU)" if result["peak_gib"] is None else f"{result['peak_gib']:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    ref = next((r for r in rows if r["model"] == "DynUNet"), None)
+    lines = ["| model | density | train step ms | vs DynUNet | train peak GiB | inference ms | vs DynUNet | "
+             "inference peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t_ms, t_ratio = cell_ms(r["train"], ref["train"] if ref else None)
+        i_ms, i_ratio = cell_ms(r["inference"], ref["inference"] if ref else None)
+        lines.append(f"| {r['model']} ({r['preset']}) | {r['density']} | {t_ms} | {t_ratio} | {cell_gib(r['train'])} "
+                     f"| {i_ms} | {i_ratio} | {cell_gib(r['inference'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the same code on CPU at a tiny size (cpu-demo preset, 32^3, bf16, 2+3 calls)")
+    parser.add_argument("--preset", default=None, help="E2ENet/DynUNet preset (default: paper; dry run: cpu-demo)")
+    parser.add_argument("--patch", type=int, default=None, help="cubic patch edge (default 128; dry run 32)")
+    parser.add_argument("--batch", type=int, default=2, help="training batch (inference is always batch 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed calls per case (default 20; dry run 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 5; dry run 2)")
+    parser.add_argument("--dtype", choices=("fp16", "bf16"), default=None,
+                        help="autocast dtype (default fp16 with GradScaler; dry run bf16, no scaler)")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="whole-run time budget in seconds")
+    parser.add_argument("--case-budget-s", type=float, default=60.0, help="timed seconds per training case")
+    args = parser.parse_args()
+    dry = args.dry_run
+    args.preset = args.preset or ("cpu-demo" if dry else "paper")
+    args.patch = args.patch or (32 if dry else 128)
+    args.steps = args.steps or (3 if dry else 20)
+    args.warmup = args.warmup if args.warmup is not None else (2 if dry else 5)
+    args.dtype = args.dtype or ("bf16" if dry else "fp16")
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+
+    if dry:
+        device = torch.device("cpu")
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        device_name = f"CPU dry run ({platform.processor() or platform.machine()}), not a GPU measurement"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device: run on a GPU machine, or use --dry-run for the CPU smoke test")
+        device = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True
+        device_name = torch.cuda.get_device_name(device)
+    clock = Clock(args.budget_s)
+    header = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "dry_run": dry,
+        "settings": {"preset": args.preset, "train_batch": args.batch, "inference_batch": 1, "patch": args.patch,
+                     "in_channels": IN_CHANNELS, "num_classes": NUM_CLASSES, "autocast": args.dtype,
+                     "grad_scaler": amp_dtype == torch.float16, "memory_format": "channels_last_3d",
+                     "cudnn_benchmark": device.type == "cuda", "warmup": args.warmup, "steps": args.steps,
+                     "sparse_density": DENSITY, "sparse_granularity": "kernel",
+                     "sparse_targets": "e2enet_fusion_targets"},
+    }
+    print(f"{device_name}; torch {torch.__version__}; CUDA {torch.version.cuda}", flush=True)
+
+    rows = [run_model(arch, density, args, device, amp_dtype, clock)
+            for arch, density in (("DynUNet", 1.0), ("E2ENet", 1.0), ("E2ENet", DENSITY))]
+    md = table(rows)
+    print(f"\n{device_name}, torch {torch.__version__}, CUDA {torch.version.cuda}: train batch {args.batch} x "
+          f"{IN_CHANNELS} x {args.patch}^3, inference batch 1, {args.dtype} autocast"
+          f"{' + GradScaler' if amp_dtype == torch.float16 else ''}, channels_last_3d, median of up to "
+          f"{args.steps} calls after {args.warmup} warm-up; peak = max_memory_allocated over the timed calls.")
+    print("Density 0.2 masks are zeros in dense tensors (no sparse kernels): same convolutions as dense.\n")
+    print(md)
+    print(f"\ntotal {clock.elapsed():.0f} s")
+    out = os.environ.get("OUT")
+    if out:
+        path = Path(out) / "gpu_bench.json"
+        path.write_text(json.dumps({**header, "rows": rows, "markdown": md, "total_s": clock.elapsed()}, indent=1))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
