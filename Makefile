@@ -33,6 +33,7 @@ docs: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_sparsity.py
 	$(PY) bench/bench_shift.py
+	$(PY) bench/bench_e2enet.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache .hypothesis
