@@ -10,7 +10,7 @@ from torch import nn
 import sparsefuse as sf
 from sparsefuse.nn import DepthShift, DepthShiftConv3d
 
-SETTINGS = settings(max_examples=40, deadline=None)
+SETTINGS = settings(max_examples=100, deadline=None)
 
 
 def reference_shift(x: torch.Tensor, shift_groups: int, dim: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import sparsefuse as sf
 from strategies import (OPTIMIZERS, LayerBag, densities, granularities, growths, layer_specs, optimizers,
                         schedules, scorers, train_step)
 
-PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 STEPS = 8
 
 
