@@ -2,7 +2,8 @@
 
     python examples/e2enet/train.py --data DATASET_DIR --out RUN_DIR --fold 0 --density 0.2 --preset cpu-demo
         [--epochs E] [--iters-per-epoch N] [--update-every K] [--resume] [--static] [--no-progress]
-        [--arch e2enet|dynunet]
+        [--arch e2enet|dynunet] [--no-amp]
+    torchrun --nproc_per_node N examples/e2enet/train.py ...   (same flags; DDP, nccl on GPUs, gloo on CPU)
 
 The authors' recipe, corrected (see docs/e2enet.md): SGD lr 0.01, momentum 0.99, Nesterov, weight decay 3e-5,
 poly(0.9) learning rate set once per epoch, Dice + CE with deep supervision (8/15, 4/15, 2/15, 1/15), gradient
@@ -16,6 +17,12 @@ The update interval and the cosine horizon follow the run's length unless set: t
 in 250,000 iterations (every 1200); a run of N iterations updates every ``min(1200, max(1, N // 50))`` iterations,
 so a short demo still makes real updates, and the cosine decays over all N iterations.
 
+Under torchrun (``WORLD_SIZE`` > 1) every rank draws its own batches from its own loader (seeded ``seed + 1000 *
+rank``), so the global batch, and the effective batch size, is N x the planned batch, as in nnU-Net's DDP. Rank 0
+alone prints and writes; its checkpoint holds every rank's loader and RNG state, so ``--resume`` continues exactly
+under the same number of processes (and refuses another). On CUDA the forward pass runs in float16 autocast with a
+GradScaler (``--no-amp``: float32); on CPU the run is float32. See docs/distributed.md.
+
 Writes, into ``RUN_DIR``: ``plans.json`` and ``config.json`` (what predict.py needs), and into
 ``RUN_DIR/fold_F``: ``checkpoint_latest.pth`` (every epoch, atomically: model, optimizer, sparsity, loader and
 RNG state, log), ``checkpoint_final.pth``, ``log.csv``, ``progress.png``, ``fusion_connections.png``.
@@ -23,16 +30,20 @@ RNG state, log), ``checkpoint_final.pth``, ``log.csv``, ``progress.png``, ``fusi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import datetime
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from tqdm import tqdm
@@ -53,9 +64,12 @@ PRESET_RUNS = {
 LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12.0
 DROP_FRACTION = 0.5  # the paper's death rate alpha
 PAPER_UPDATE_EVERY = 1200
+# With AMP a non-finite loss is the GradScaler's business (it skips the step and halves the scale); only a scale
+# halved ~30 times from 2**16 without recovering means the run itself diverged.
+MIN_LOSS_SCALE = 1e-4
 # What must match for --resume to continue a run rather than silently start another experiment.
 RESUME_KEYS = ("arch", "preset", "fold", "density", "static", "epochs", "iters_per_epoch", "update_every", "seed",
-               "preprocessing_hash", "patch_size", "batch_size")
+               "preprocessing_hash", "patch_size", "batch_size", "world_size")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preprocessed", type=Path, default=None, help="preprocessed folder (default: beside the data)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (CPU runs are always float32)")
     args = p.parse_args(argv)
     for key, value in PRESET_RUNS[args.preset].items():
         if getattr(args, key, None) is None:
@@ -199,10 +214,25 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # ---- processes: one, or one per GPU (or CPU worker) under torchrun, which sets WORLD_SIZE, RANK, LOCAL_RANK
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    distributed = world_size > 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        # Long timeout: the other ranks wait at a barrier while rank 0 preprocesses a new dataset.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    is_main = rank == 0
+    log = print if is_main else (lambda *_, **__: None)  # prints, files and plots come from rank 0 only
+    amp = device.type == "cuda" and not args.no_amp  # float16 autocast + GradScaler; CPU stays float32
     fold_dir = args.out / f"fold_{args.fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = fold_dir / "checkpoint_latest.pth"
+    if is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+    elif distributed:
+        dist.barrier()  # rank 0 writes plans and preprocesses first; the others then find it all cached
 
     # ---- data: plan (patch a multiple of the network's stride), preprocess (cached), split
     with torch.device("meta"):  # only the stride is needed here
@@ -220,35 +250,56 @@ def main(argv=None) -> dict:
         "epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch, "update_every": args.update_every,
         "seed": args.seed, "in_channels": in_channels, "num_classes": num_classes,
         "preprocessing_hash": plans["preprocessing_hash"], "patch_size": plans["patch_size"],
-        "batch_size": plans["batch_size"], "dataset": str(args.data),
+        "batch_size": plans["batch_size"], "dataset": str(args.data), "world_size": world_size, "amp": amp,
     }
-    (args.out / "plans.json").write_text(json.dumps(plans, indent=1))
-    (args.out / "config.json").write_text(json.dumps({k: config[k] for k in ("arch", "preset", "in_channels", "num_classes")}))
+    if is_main:
+        (args.out / "plans.json").write_text(json.dumps(plans, indent=1))
+        (args.out / "config.json").write_text(
+            json.dumps({k: config[k] for k in ("arch", "preset", "in_channels", "num_classes")}))
+        if distributed:
+            dist.barrier()
 
     # ---- model, optimizer, sparsity, loss
     torch.manual_seed(args.seed)
     model = build_model(args.arch, args.preset, in_channels=in_channels, num_classes=num_classes).to(device)
     model = model.to(memory_format=torch.channels_last_3d)  # (1,3,3) convs run up to 3x faster in this layout
+    # Training steps go through DDP (it averages the gradients over ranks); validation and saving use the model.
+    train_model = model
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+        # 1x1x1 kernels in channels_last_3d: their gradients' size-1 dims carry other (meaningless) strides.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True,
                                 weight_decay=WEIGHT_DECAY)
     total_iters = args.epochs * args.iters_per_epoch
+    # Disabled (a pass-through, bit-identical to plain fp32 steps) unless AMP is on.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
     sparsity = None
     if args.density < 1.0:
         schedule = None if args.static else sf.schedules.CosineDecay(
             every=args.update_every, alpha=DROP_FRACTION, total_steps=total_iters)
         sparsity = sf.DynamicSparsity(model, optimizer, density=args.density, targets=e2enet_fusion_targets,
                                       granularity="kernel", scorer=sf.scorers.L1(), growth=sf.growth.Random(),
-                                      schedule=schedule, seed=args.seed)
+                                      schedule=schedule, seed=args.seed, scaler=scaler)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    train_loader = TrainLoader(data_dir, train_ids, plans, seed=args.seed)
-    val_loader = TrainLoader(data_dir, val_ids, plans, seed=args.seed + 1, augment=False)
+    # Each rank draws its own batches (like a DistributedSampler's shards): global batch = world_size x batch_size.
+    train_loader = TrainLoader(data_dir, train_ids, plans, seed=args.seed + 1000 * rank)
+    val_loader = TrainLoader(data_dir, val_ids, plans, seed=args.seed + 1 + 1000 * rank, augment=False)
 
     # ---- resume
     rows: list[dict] = []
     start_epoch = 0
     if args.resume and checkpoint_path.is_file():
         ckpt = load_checkpoint(checkpoint_path)
-        different = {k: (ckpt["config"].get(k), config[k]) for k in RESUME_KEYS if ckpt["config"].get(k) != config[k]}
+        saved = ckpt["config"]
+        if saved["world_size"] != world_size:
+            raise SystemExit(f"{checkpoint_path} was written by a run on {saved['world_size']} process(es), this one "
+                             f"has {world_size}: resume with the same world size (torchrun --nproc_per_node "
+                             f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
+                             f"is restored; or use another --out to start a new run")
+        different = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if saved.get(k) != config[k]}
         if different:
             raise SystemExit(f"{checkpoint_path} was written by another configuration: "
                              + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in different.items())
@@ -257,18 +308,25 @@ def main(argv=None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         if sparsity is not None:
             sparsity.load_state_dict(ckpt["sparsity"])
-        train_loader.load_state_dict(ckpt["train_loader"])
-        val_loader.load_state_dict(ckpt["val_loader"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("scaler"):  # saved by an AMP run; a disabled scaler ignores it
+            scaler.load_state_dict(ckpt["scaler"])
+        own = ckpt["ranks"][rank]  # this rank's loaders and RNG
+        train_loader.load_state_dict(own["train_loader"])
+        val_loader.load_state_dict(own["val_loader"])
+        torch.set_rng_state(own["torch_rng"])
+        if own.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda_rng"], device)
         rows, start_epoch = ckpt["log"], ckpt["epoch"] + 1
-        print(f"resumed {checkpoint_path} at epoch {start_epoch}")
+        log(f"resumed {checkpoint_path} at epoch {start_epoch}")
     elif args.resume:
-        print(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
+        log(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
 
-    print(f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, "
+    log(f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, "
           f"{'static' if args.static else 'dynamic'} density {args.density}, fold {args.fold} "
           f"({len(train_ids)} train / {len(val_ids)} val cases), patch {plans['patch_size']} x batch "
-          f"{plans['batch_size']}, {total_iters} iterations, topology update every {args.update_every}")
+          f"{plans['batch_size']}, {total_iters} iterations, topology update every {args.update_every}"
+        + (f"; {world_size} processes (global batch {world_size * plans['batch_size']})" if distributed else "")
+        + ("; mixed precision (float16)" if amp else ""))
 
     # ---- train
     for epoch in range(start_epoch, args.epochs):
@@ -278,21 +336,35 @@ def main(argv=None) -> dict:
             group["lr"] = lr
         model.train()
         losses, updates = [], 0
-        bar = tqdm(range(args.iters_per_epoch), desc=f"epoch {epoch}", disable=args.no_progress, leave=False)
+        bar = tqdm(range(args.iters_per_epoch), desc=f"epoch {epoch}", disable=args.no_progress or not is_main,
+                   leave=False)
         for _ in bar:
             batch = next(train_loader)
             image = to_network_layout(batch["image"]).to(device, memory_format=torch.channels_last_3d)
             label = to_network_layout(batch["label"]).to(device)
-            loss = deep_supervision_loss(loss_fn, output_list(model(image)), label)
-            if not torch.isfinite(loss):
-                raise SystemExit(f"non-finite loss ({loss.item()}) at epoch {epoch}; training stopped. The last good "
-                                 f"checkpoint is {checkpoint_path} (epoch {epoch - 1}); lower the learning rate or "
-                                 f"check the data for extreme values")
+            with autocast():
+                loss = deep_supervision_loss(loss_fn, output_list(train_model(image)), label)
+            if not amp:  # in fp32 a non-finite loss means divergence; every rank stops together
+                finite = torch.isfinite(loss.detach()).float()
+                if distributed:
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not finite:
+                    raise SystemExit(f"non-finite loss ({loss.item()}{' on some rank' if distributed else ''}) at "
+                                     f"epoch {epoch}; training stopped. The last good checkpoint is {checkpoint_path} "
+                                     f"(epoch {epoch - 1}); lower the learning rate or check the data for extreme "
+                                     f"values")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients (all these scaler calls are no-ops without AMP)
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            if sparsity is not None and sparsity.step() is not None:
+            scaler.step(optimizer)  # skips the step if the fp16 gradients overflowed
+            scaler.update()
+            if amp and scaler.get_scale() < MIN_LOSS_SCALE:
+                raise SystemExit(f"the AMP loss scale collapsed to {scaler.get_scale():.1e} at epoch {epoch}: the "
+                                 f"gradients stay non-finite, training stopped. The last good checkpoint is "
+                                 f"{checkpoint_path} (epoch {epoch - 1}); lower the learning rate, check the data for "
+                                 f"extreme values, or try --no-amp")
+            if sparsity is not None and sparsity.step() is not None:  # a step the scaler skipped does not count
                 updates += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -306,7 +378,8 @@ def main(argv=None) -> dict:
                 batch = next(val_loader)
                 image = to_network_layout(batch["image"]).to(device, memory_format=torch.channels_last_3d)
                 label = to_network_layout(batch["label"]).to(device)
-                logits = model(image)
+                with autocast():
+                    logits = model(image)
                 val_losses.append(loss_fn(logits, label).item())
                 pred = logits.argmax(1).cpu()
                 ref = label[:, 0].cpu()
@@ -314,21 +387,41 @@ def main(argv=None) -> dict:
                     tp[c - 1] += ((pred == c) & (ref == c)).sum()
                     fp[c - 1] += ((pred == c) & (ref != c)).sum()
                     fn[c - 1] += ((pred != c) & (ref == c)).sum()
+        train_loss, val_loss = float(np.mean(losses)), float(np.mean(val_losses))
+        if distributed:  # pseudo-Dice from the TP/FP/FN summed over ranks; losses averaged over ranks
+            counts = torch.stack([tp, fp, fn]).double().to(device)
+            dist.all_reduce(counts)
+            tp, fp, fn = counts.cpu()
+            mean_losses = torch.tensor([train_loss, val_loss], dtype=torch.float64, device=device)
+            dist.all_reduce(mean_losses)
+            train_loss, val_loss = (mean_losses / world_size).tolist()
+            if sparsity is not None:
+                sparsity.verify()  # raises on every rank if their masks have drifted apart
         dice = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": float(np.mean(val_losses)),
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                "pseudo_dice": float(np.mean(dice)), **{f"dice_{c + 1}": d for c, d in enumerate(dice)},
                "density": sparsity.density() if sparsity else 1.0, "lr": lr, "topology_updates": updates,
                "seconds": time.perf_counter() - started}
         rows.append(row)
-        print(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, pseudo-Dice "
-              f"{row['pseudo_dice']:.4f}, density {row['density']:.4f}, lr {lr:.5f}, {updates} updates, "
-              f"{row['seconds']:.1f} s")
+        log(f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, pseudo-Dice "
+            f"{row['pseudo_dice']:.4f}, density {row['density']:.4f}, lr {lr:.5f}, {updates} updates, "
+            f"{row['seconds']:.1f} s"
+            + (f", masks verified on {world_size} ranks" if distributed and sparsity is not None else ""))
 
+        # Every rank's loader and RNG state goes into rank 0's checkpoint, so --resume continues each rank exactly.
+        own = {"train_loader": train_loader.state_dict(), "val_loader": val_loader.state_dict(),
+               "torch_rng": torch.get_rng_state(),
+               "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ranks = [own]
+        if distributed:
+            ranks = [None] * world_size
+            dist.all_gather_object(ranks, own)
+        if not is_main:
+            continue  # the rest of the epoch writes files: rank 0 only
         # Checkpoint first: the log on disk never runs ahead of what --resume restores.
         save_atomic({"epoch": epoch, "config": config, "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "sparsity": sparsity.state_dict() if sparsity else None,
-                     "train_loader": train_loader.state_dict(), "val_loader": val_loader.state_dict(),
-                     "torch_rng": torch.get_rng_state(), "log": rows}, checkpoint_path)
+                     "scaler": scaler.state_dict(), "ranks": ranks, "log": rows}, checkpoint_path)
         with open(fold_dir / "log.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
             writer.writeheader()
@@ -336,14 +429,18 @@ def main(argv=None) -> dict:
         plot_progress(rows, [r["epoch"] for r in rows if r["topology_updates"]], fold_dir / "progress.png")
 
     # ---- final artefacts
-    save_atomic({"config": config, "model": model.state_dict(),
-                 "sparsity": sparsity.state_dict() if sparsity else None, "log": rows},
-                fold_dir / "checkpoint_final.pth")
-    proportions = fusion_connection_proportions(model, sparsity)
-    if proportions:
-        plot_fusion_connections(proportions, fold_dir / "fusion_connections.png")
-        (fold_dir / "fusion_connections.json").write_text(json.dumps(proportions, indent=1))
-    print(f"done: {fold_dir}")
+    if is_main:
+        save_atomic({"config": config, "model": model.state_dict(),
+                     "sparsity": sparsity.state_dict() if sparsity else None, "log": rows},
+                    fold_dir / "checkpoint_final.pth")
+        proportions = fusion_connection_proportions(model, sparsity)
+        if proportions:
+            plot_fusion_connections(proportions, fold_dir / "fusion_connections.png")
+            (fold_dir / "fusion_connections.json").write_text(json.dumps(proportions, indent=1))
+    if distributed:
+        dist.barrier()  # no rank leaves before rank 0 has written the final files
+        dist.destroy_process_group()
+    log(f"done: {fold_dir}")
     return {"fold_dir": fold_dir, "log": rows, "model": model, "sparsity": sparsity, "plans": plans,
             "config": config}
 
