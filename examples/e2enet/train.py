@@ -149,11 +149,12 @@ def fusion_connection_proportions(model, sparsity) -> dict[str, dict[str, float]
     proportions = {}
     if sparsity is None:
         return proportions
+    masks = sparsity.masks  # a copy of every mask: take it once
     for key, node in model.fusion.items():
         name = f"fusion.{key}.convs.0.conv.weight"
-        if name not in sparsity.target_names:
+        if name not in masks:
             continue
-        per_input = sparsity.masks[name].sum(0)  # active kernels per input channel
+        per_input = masks[name].sum(0)  # active kernels per input channel
         c = node.up.out_channels
         flows = {"forward": per_input[:c].sum(), "up": per_input[c:2 * c].sum(), "down": per_input[2 * c:].sum()}
         total = float(per_input.sum())
