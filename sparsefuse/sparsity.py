@@ -70,7 +70,7 @@ class UpdateReport:
 
 
 class _Target:
-    """One masked weight: its group mask and the cached inverse mask used on the hot path."""
+    """One masked weight: its group mask and the cached 0/1 multiplier used on the hot path."""
 
     def __init__(self, name: str, param: nn.Parameter, module: nn.Module | None, granularity: Granularity,
                  density: float):
@@ -80,14 +80,16 @@ class _Target:
         self.num_groups = math.prod(self.groups_shape)
         self.group_size = granularity.group_size(param.shape)
         self.target_density = density
-        self.mask: Tensor = torch.ones(self.groups_shape, dtype=torch.bool, device=param.device)
+        # A meta-device weight (a model built for accounting) keeps its mask on the CPU, where it can be counted.
+        self.mask_device = torch.device("cpu") if param.device.type == "meta" else param.device
+        self.mask: Tensor = torch.ones(self.groups_shape, dtype=torch.bool, device=self.mask_device)
         self.keep: Tensor = self.mask
 
     def set_mask(self, mask: Tensor) -> None:
-        self.mask = mask.to(device=self.param.device, dtype=torch.bool).reshape(self.groups_shape)
+        self.mask = mask.to(device=self.mask_device, dtype=torch.bool).reshape(self.groups_shape)
         # A 0/1 tensor in the weight's dtype, broadcastable rather than expanded (kernel and channel masks stay
         # tiny): an in-place multiply by it is ~20x faster on CPU than masked_fill_ with a bool mask.
-        self.keep = self.granularity.expand(self.mask, self.param.shape).to(self.param.dtype)
+        self.keep = self.granularity.expand(self.mask, self.param.shape).to(self.param.device, self.param.dtype)
 
     @property
     def active(self) -> int:

@@ -301,3 +301,13 @@ def test_gradient_growth_without_gradient_says_when_to_call_step():
                                   schedule=sf.schedules.Constant(every=1, alpha=0.5))
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
         sparsity.step()
+
+
+def test_a_meta_device_model_gets_countable_masks():
+    """Accounting builds full-size models on the meta device: their masks live on the CPU and count exactly."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv3d(96, 48, 3), nn.ConvTranspose3d(48, 24, 2, stride=2))
+    sparsity = sf.DynamicSparsity(model, None, density=0.3)
+    assert sparsity.density("0.weight") == round(0.3 * 96 * 48) / (96 * 48)
+    assert sparsity.weight_mask("1.weight").device.type == "cpu"
+    assert sf.count_params(model, sparsity) == (round(0.3 * 96 * 48) * 27 + 48 + round(0.3 * 48 * 24) * 8 + 24)

@@ -7,11 +7,9 @@
 The paper model is built on the ``meta`` device (no memory, no init cost) and
 sparsified at kernel granularity without training: each fusion conv / transposed
 conv keeps ``round(density * C_in * C_out)`` whole kernels, the count the authors'
-uniform init draws (spec section 2). Which kernels are kept does not matter for
-the counts, so :func:`uniform_kernel_sparsity` keeps the first ones. A live
-``sparsefuse.DynamicSparsity`` (or anything with ``target_names``,
-``weight_mask(name)`` and ``density(name)``) can be passed to :func:`account`
-instead.
+uniform init draws (spec section 2), through a fixed-mask
+``sparsefuse.DynamicSparsity`` (:func:`uniform_kernel_sparsity`). A live one from
+training can be passed to :func:`account` instead.
 
 Counting rule (spec section 3, reproduces all published numbers):
 
@@ -38,7 +36,6 @@ from model import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
 
 __all__ = [
     "PAPER_PT_REFERENCES",
-    "FixedKernelSparsity",
     "uniform_kernel_sparsity",
     "paper_model",
     "account",
@@ -56,51 +53,12 @@ PAPER_PT_REFERENCES: dict[str, dict[str, float]] = {
 }
 
 
-class FixedKernelSparsity:
-    """Kernel-granularity masks fixed at construction, for accounting without training.
+def uniform_kernel_sparsity(model: nn.Module, density: float,
+                            override_48: float | None = None) -> sf.DynamicSparsity:
+    """The authors' uniform kernel density on every fusion target of ``model``, as a fixed-mask sparsifier.
 
-    Weight ``name`` keeps its first ``round(density * dim0 * dim1)`` kernels (in
-    (dim0, dim1) row-major order). Exposes the duck-typed interface that
-    :func:`sparsefuse.count_params` and :func:`sparsefuse.count_flops` read.
-
-    Args:
-        model: the network (any device, ``meta`` included).
-        densities: {parameter name: fraction of kernels kept, in [0, 1]}.
-    """
-
-    def __init__(self, model: nn.Module, densities: Mapping[str, float]) -> None:
-        params = dict(model.named_parameters())
-        self._shapes: dict[str, torch.Size] = {}
-        self._active: dict[str, int] = {}
-        for name, d in densities.items():
-            if name not in params:
-                raise ValueError(f"densities names {name!r}, which is not a parameter of the model")
-            if not 0.0 <= d <= 1.0:
-                raise ValueError(f"density of {name!r} must be in [0, 1], got {d}")
-            shape = params[name].shape
-            self._shapes[name] = shape
-            self._active[name] = round(d * shape[0] * shape[1])
-
-    @property
-    def target_names(self) -> tuple[str, ...]:
-        return tuple(self._shapes)
-
-    def active_kernels(self, name: str) -> int:
-        return self._active[name]
-
-    def weight_mask(self, name: str) -> torch.Tensor:
-        """Bool (dim0, dim1, *kernel) mask, an expanded view (no weight-sized allocation)."""
-        shape = self._shapes[name]
-        kernels = torch.arange(shape[0] * shape[1]) < self._active[name]
-        return kernels.view(shape[0], shape[1], *([1] * (len(shape) - 2))).expand(shape)
-
-    def density(self, name: str) -> float:
-        shape = self._shapes[name]
-        return self._active[name] / (shape[0] * shape[1])
-
-
-def uniform_kernel_sparsity(model: nn.Module, density: float, override_48: float | None = None) -> FixedKernelSparsity:
-    """The authors' uniform kernel density on every fusion target of ``model``.
+    Each target keeps ``round(density * dim0 * dim1)`` random kernels, as the authors' uniform init draws; which
+    ones does not change the counts. Works on a ``meta``-device model.
 
     Args:
         model: an :class:`E2ENet` (any device).
@@ -115,13 +73,11 @@ def uniform_kernel_sparsity(model: nn.Module, density: float, override_48: float
         raise ValueError(f"density must be in (0, 1] (fraction of kernels kept = 1 - S), got {density}")
     if override_48 is not None and not 0.0 < override_48 <= 1.0:
         raise ValueError(f"override_48 must be in (0, 1] or None, got {override_48}")
-    densities = {}
-    for module_name, module in model.named_modules():
-        if e2enet_fusion_targets(module_name, module):
-            weight_name = f"{module_name}.weight"
-            quirk = override_48 is not None and module.weight.shape[0] == 48
-            densities[weight_name] = override_48 if quirk else density
-    return FixedKernelSparsity(model, densities)
+    densities: dict[str, float] = {"default": density}
+    if override_48 is not None:
+        densities.update({f"{name}.weight": override_48 for name, module in model.named_modules()
+                          if e2enet_fusion_targets(name, module) and module.weight.shape[0] == 48})
+    return sf.DynamicSparsity(model, None, density=densities, targets=e2enet_fusion_targets, granularity="kernel")
 
 
 def paper_model(
