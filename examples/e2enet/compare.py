@@ -37,25 +37,38 @@ SETTINGS = [  # (row name, train.py flags)
 ]
 
 
-def run_setting(name: str, flags: list[str], dataset: Path, out: Path, args) -> dict:
-    argv = ["--data", str(dataset), "--out", str(out), "--fold", "0", "--preset", args.preset, "--epochs",
-            str(args.epochs), "--iters-per-epoch", str(args.iters_per_epoch), "--resume", "--no-progress", *flags]
-    print(f"\n=== {name}: train.py {' '.join(argv)}", flush=True)
+def run_setting(name: str, flags: list[str], dataset: Path, out: Path, *, preset: str, epochs: int,
+                iters_per_epoch: int, progress: bool = False) -> dict:
+    """Train (resuming if interrupted), segment the test cases, score them and count Params / FLOPs: one row."""
+    argv = ["--data", str(dataset), "--out", str(out), "--fold", "0", "--preset", preset, "--epochs", str(epochs),
+            "--iters-per-epoch", str(iters_per_epoch), "--resume", *([] if progress else ["--no-progress"]), *flags]
+    print(f"\n=== {name}\n$ python {Path(train.__file__)} {' '.join(argv)}", flush=True)
     trained = train.main(argv)
-    iterations = args.epochs * args.iters_per_epoch
+    predict_argv = ["--model", str(out), "--input", str(dataset / "imagesTs"), "--output",
+                    str(out / "predictions_test"), "--overwrite", "--no-progress"]
+    print(f"$ python {Path(predict.__file__)} {' '.join(predict_argv)}", flush=True)
     started = time.perf_counter()
-    cases = predict.main(["--model", str(out), "--input", str(dataset / "imagesTs"), "--output",
-                          str(out / "predictions_test"), "--overwrite", "--no-progress"])
+    cases = predict.main(predict_argv)
     infer_seconds = (time.perf_counter() - started) / max(1, len(cases))
     summary = evaluate.evaluate_folders(dataset / "labelsTs", out / "predictions_test",
                                         dataset_json=dataset / "dataset.json")
+    print(evaluate.format_table(summary))
     patch = list(reversed(trained["plans"]["patch_size"]))  # the network sees (Z, Y, X)
     counts = accounting.account(trained["model"].cpu(), patch, trained["sparsity"])
     return {"name": name, "mdice": summary["mean"]["dice"],
             "dice_per_class": {c: v["dice"] for c, v in summary["per_class_mean"].items()},
             # Training epochs include the validation batches: seconds per iteration is an upper bound.
-            "seconds_per_iteration": sum(r["seconds"] for r in trained["log"]) / iterations,
+            "seconds_per_iteration": sum(r["seconds"] for r in trained["log"]) / (epochs * iters_per_epoch),
             "inference_seconds_per_case": infer_seconds, "patch": patch, **counts}
+
+
+def add_pt_scores(rows: list[dict]) -> dict:
+    """PT score (eq. 7) of every row, with the references (best mDice, fewest Params and FLOPs) over the rows."""
+    references = dict(mdice_max=max(r["mdice"] for r in rows), params_min=min(r["params"] for r in rows),
+                      flops_min=min(r["flops"] for r in rows))
+    for r in rows:
+        r["pt"] = sf.pt_score(r["mdice"], r["params"], r["flops"], **references)
+    return references
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -83,11 +96,9 @@ def main(argv=None) -> list[dict]:
     if args.data is None and not (dataset / "dataset.json").is_file():
         dataset = prepare_mni.build_mni_dataset(dataset.parent)
     rows = [run_setting(name, flags, dataset, args.workdir / name.replace(" ", "_").replace("(", "").replace(")", ""),
-                        args) for name, flags in SETTINGS]
-    references = dict(mdice_max=max(r["mdice"] for r in rows), params_min=min(r["params"] for r in rows),
-                      flops_min=min(r["flops"] for r in rows))
-    for r in rows:
-        r["pt"] = sf.pt_score(r["mdice"], r["params"], r["flops"], **references)
+                        preset=args.preset, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch)
+            for name, flags in SETTINGS]
+    references = add_pt_scores(rows)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"\n{args.epochs * args.iters_per_epoch} iterations per model, preset {args.preset}, patch "
           f"{'x'.join(map(str, rows[0]['patch']))}; {machine}\n")
