@@ -10,16 +10,15 @@ medians; the min column is a less noise-sensitive cross-check on a busy machine)
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import functools
 import statistics
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from common import interleaved_times, machine
 from sparsefuse.nn import DepthShiftConv3d
 
 SHIFT_GROUPS = 3
@@ -64,26 +63,6 @@ class ShiftThenConv(nn.Module):
         return self.conv(self.shift(x))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    # Other processes skew absolute times (and, less so, ratios): print the load to judge a run.
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().split()[0]
-    except OSError:
-        return "n/a"
-
-
 def step(model: nn.Module, x: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
     x.grad = None
@@ -114,27 +93,17 @@ def main() -> None:
         }
 
     formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-    cases = []
+    cases = {}
     for fmt_name, fmt in formats.items():
         # Fresh modules per format: Module.to(memory_format=...) works in place, and a
         # channels_last weight would silently switch the "contiguous" conv to channels_last.
         x = torch.randn(batch, ch, *size).to(memory_format=fmt).requires_grad_()
         for name, model in make_models().items():
-            cases.append((fmt_name, name, model.to(memory_format=fmt), x))
+            cases[(fmt_name, name)] = functools.partial(step, model.to(memory_format=fmt), x)
     names = list(make_models())
+    times = interleaved_times(cases, repeats, warmup)
 
-    for _ in range(warmup):
-        for _, _, model, x in cases:
-            step(model, x)
-    times: dict[tuple[str, str], list[float]] = {(f, n): [] for f, n, _, _ in cases}
-    for _ in range(repeats):
-        for fmt_name, name, model, x in cases:  # round-robin: noise hits all cases alike
-            t0 = time.perf_counter()
-            step(model, x)
-            times[(fmt_name, name)].append(time.perf_counter() - t0)
-
-    print(f"CPU: {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} "
-          f"| python {platform.python_version()} | 1-min load {load_average()} (cores: {os.cpu_count()})")
+    print(f"machine: {machine()}")
     print(f"input ({batch}, {ch}, {size[0]}, {size[1]}, {size[2]}) float32, forward+backward, "
           f"shift_groups={SHIFT_GROUPS}, {repeats} interleaved rounds, median\n")
     print(f"{'format':<17} {'case':<18} {'median ms':>10} {'vs 1x3x3':>9} {'min ms':>8} {'vs 1x3x3':>9}")
