@@ -1,6 +1,6 @@
 """E2ENet (Liu et al., arXiv 2312.04727) as the authors' code builds it.
 
-Architecture (``/work/shared/e2enet-spec.md`` sections 1.1-1.7), for ``L = num_pools + 1``
+Architecture (see docs/authors-code.md), for ``L = num_pools + 1``
 levels with widths ``c_i = min(base_channels * 2**i, max_channels)``:
 
 * **Conv unit**: depth shift + Conv3d (1, 3, 3), padding (0, 1, 1), bias
