@@ -1,5 +1,21 @@
 """sparsefuse: dynamic sparse training for PyTorch."""
-from . import distribution, growth, masks, schedules, scorers
+
+from . import distributed, distribution, growth, masks, nn, schedules, scorers
+from .accounting import count_flops, count_params, pt_score
 from .sparsity import DynamicSparsity, LayerUpdate, UpdateReport
-from . import nn
-from .accounting import count_params, count_flops, pt_score
+
+__all__ = [
+    "DynamicSparsity",
+    "LayerUpdate",
+    "UpdateReport",
+    "count_flops",
+    "count_params",
+    "pt_score",
+    "distributed",
+    "distribution",
+    "growth",
+    "masks",
+    "nn",
+    "schedules",
+    "scorers",
+]

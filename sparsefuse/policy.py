@@ -3,7 +3,10 @@
 A policy is called once per layer at each topology update with the weight (already masked), its dense gradient
 (or None), the layer's granularity and the sparsifier's keyed random generator, and returns one score per group.
 """
+
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -13,14 +16,16 @@ from .masks import Granularity
 __all__ = ["GroupScore", "random_scores"]
 
 
-class GroupScore:
+class GroupScore(ABC):
     """Base class of scorers and growth policies. Set ``needs_grad = True`` if ``__call__`` reads ``grad``."""
 
     needs_grad = False
 
-    def __call__(self, weight: Tensor, grad: Tensor | None, granularity: Granularity,
-                 generator: torch.Generator) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(
+        self, weight: Tensor, grad: Tensor | None, granularity: Granularity, generator: torch.Generator
+    ) -> Tensor:
+        """One score per group, in ``granularity.groups_shape(weight.shape)``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

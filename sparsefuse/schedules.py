@@ -3,35 +3,37 @@
 Steps count calls to ``sparsity.step()``: the first call is step 1; step t is an update step when
 ``t % every == 0`` and (if ``stop`` is set) ``t <= stop``.
 """
+
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+
+from .validation import positive_int
 
 __all__ = ["Schedule", "CosineDecay", "Constant", "Linear"]
 
 
-def _positive_int(name: str, value, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}; {fix}")
-
-
-class Schedule:
+class Schedule(ABC):
     """Base class: subclasses define ``fraction(step)``; `every`, `alpha` and `stop` are shared."""
 
     def __init__(self, every: int, alpha: float, stop: int | None = None):
-        _positive_int("every", every, "it is the number of steps between topology updates (e.g. every=100)")
+        positive_int("every", every, "it is the number of steps between topology updates (e.g. every=100)")
         if not 0.0 < float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha!r}; it is the fraction of active groups "
-                             f"replaced at the first update (the paper uses 0.5)")
+            raise ValueError(
+                f"alpha must be in (0, 1], got {alpha!r}; it is the fraction of active groups "
+                f"replaced at the first update (the paper uses 0.5)"
+            )
         if stop is not None:
-            _positive_int("stop", stop, "it is the last step that may change the topology, or None for no limit")
+            positive_int("stop", stop, "it is the last step that may change the topology, or None for no limit")
         self.every, self.alpha, self.stop = every, float(alpha), stop
 
     def is_update(self, step: int) -> bool:
         return step % self.every == 0 and (self.stop is None or step <= self.stop)
 
+    @abstractmethod
     def fraction(self, step: int) -> float:
-        raise NotImplementedError
+        """Fraction of the active groups replaced at update step ``step``."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -48,7 +50,7 @@ class Constant(Schedule):
 class _Decay(Schedule):
     def __init__(self, every: int, alpha: float, total_steps: int, stop: int | None = None):
         super().__init__(every, alpha, stop)
-        _positive_int("total_steps", total_steps, "it is the horizon T of the decay, usually the run's length")
+        positive_int("total_steps", total_steps, "it is the horizon T of the decay, usually the run's length")
         self.total_steps = total_steps
 
     def _progress(self, step: int) -> float:

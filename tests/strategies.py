@@ -1,7 +1,6 @@
 """Hypothesis strategies shared by the property tests: small random models, granularities, optimizers, policies."""
-from __future__ import annotations
 
-import math
+from __future__ import annotations
 
 import torch
 from hypothesis import strategies as st
@@ -23,13 +22,21 @@ class LayerBag(nn.Module):
     def inputs(self, generator: torch.Generator) -> list[torch.Tensor]:
         out = []
         for kind, c_in, _, _ in self.specs:
-            spatial = {"linear": (), "conv1d": (5,), "conv2d": (4, 4), "conv3d": (3, 3, 3),
-                       "convT2d": (3, 3), "convT3d": (2, 2, 2)}[kind]
+            spatial = {
+                "linear": (),
+                "conv1d": (5,),
+                "conv2d": (4, 4),
+                "conv3d": (3, 3, 3),
+                "convT2d": (3, 3),
+                "convT3d": (2, 2, 2),
+            }[kind]
             out.append(torch.randn(2, c_in, *spatial, generator=generator))
         return out
 
     def forward(self, inputs):
-        return sum((layer(x).sin() * (i + 1)).mean() for i, (layer, x) in enumerate(zip(self.layers, inputs)))
+        return sum(
+            (layer(x).sin() * (i + 1)).mean() for i, (layer, x) in enumerate(zip(self.layers, inputs, strict=True))
+        )
 
 
 def make_layer(kind: str, c_in: int, c_out: int, k: int) -> nn.Module:
@@ -99,11 +106,3 @@ def train_step(model: LayerBag, optimizer, sparsity, step: int, data_seed: int =
     model(inputs).backward()
     optimizer.step()
     return sparsity.step()
-
-
-def expected_active(num_groups: int, density: float) -> int:
-    return round(density * num_groups)
-
-
-def group_count(shape) -> int:
-    return math.prod(shape)

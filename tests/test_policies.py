@@ -1,11 +1,12 @@
 """Schedules, distributions, granularities and scorers checked against their definitions."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -26,6 +27,15 @@ def test_update_steps_are_multiples_of_every_up_to_stop():
     assert sf.schedules.Constant(every=5, alpha=0.2).fraction(12345) == 0.2
 
 
+def test_base_classes_are_abstract():
+    """Schedule, Scorer and Growth cannot be built until a subclass defines fraction() / __call__()."""
+    with pytest.raises(TypeError, match="abstract"):
+        sf.schedules.Schedule(every=1, alpha=0.5)
+    for base in (sf.scorers.Scorer, sf.growth.Growth):
+        with pytest.raises(TypeError, match="abstract"):
+            base()
+
+
 def rigl_erk(shapes: dict, density: float, erk: bool = True) -> dict:
     """RigL's `get_sparsities_erdos_renyi` (google-research/rigl sparse_utils.py), ported without its
     per-layer floor of zero counts (sparsefuse solves the exact budget; tests/test_differential.py pins the
@@ -41,8 +51,9 @@ def rigl_erk(shapes: dict, density: float, erk: bool = True) -> dict:
                 rhs -= n_zeros
             else:
                 rhs += n_ones
-                raw[name] = (sum(shape) / math.prod(shape)) if erk else \
-                    ((shape[-2] + shape[-1]) / (shape[-2] * shape[-1]))
+                raw[name] = (
+                    (sum(shape) / math.prod(shape)) if erk else ((shape[-2] + shape[-1]) / (shape[-2] * shape[-1]))
+                )
                 divisor += raw[name] * n_param
         eps = rhs / divisor
         max_prob = max(raw.values())
@@ -53,8 +64,15 @@ def rigl_erk(shapes: dict, density: float, erk: bool = True) -> dict:
     return {n: 1.0 if n in dense_layers else eps * raw[n] for n in shapes}
 
 
-RESNETISH = {"conv1": (64, 3, 7, 7), "l1": (64, 64, 3, 3), "l2": (128, 64, 3, 3), "l2d": (128, 64, 1, 1),
-             "l3": (256, 128, 3, 3), "l4": (512, 256, 3, 3), "fc": (1000, 512)}
+RESNETISH = {
+    "conv1": (64, 3, 7, 7),
+    "l1": (64, 64, 3, 3),
+    "l2": (128, 64, 3, 3),
+    "l2d": (128, 64, 1, 1),
+    "l3": (256, 128, 3, 3),
+    "l4": (512, 256, 3, 3),
+    "fc": (1000, 512),
+}
 
 
 @pytest.mark.parametrize("density", [0.05, 0.1, 0.2, 0.5, 0.8])
@@ -100,8 +118,8 @@ def test_block_group_sum_and_expand_are_adjoint():
 
 def test_l1_and_magnitude_rank_kernels_differently():
     weight = torch.zeros(1, 2, 2)
-    weight[0, 0] = torch.tensor([1.0, 1.0])   # L1 2, L2 1.41
-    weight[0, 1] = torch.tensor([1.8, 0.0])   # L1 1.8, L2 1.8
+    weight[0, 0] = torch.tensor([1.0, 1.0])  # L1 2, L2 1.41
+    weight[0, 1] = torch.tensor([1.8, 0.0])  # L1 1.8, L2 1.8
     gen = torch.Generator()
     kernel = sf.masks.Kernel()
     assert sf.scorers.L1()(weight, None, kernel, gen).argmax() == 0
@@ -124,8 +142,9 @@ class TwoBlocks(sf.masks.Granularity):
 
 def test_a_user_granularity_plugs_in():
     model = nn.Linear(3, 4)
-    sparsity = sf.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5,
-                                  granularity=TwoBlocks(), targets=["weight"])
+    sparsity = sf.DynamicSparsity(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5, granularity=TwoBlocks(), targets=["weight"]
+    )
     mask = sparsity.weight_mask("weight")
     assert mask.sum() == 6 and (mask[:2].all() ^ mask[2:].all())
     assert torch.all(model.weight[~mask] == 0)

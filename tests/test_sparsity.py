@@ -1,4 +1,5 @@
 """Property tests of DynamicSparsity's invariants (issue 2, invariants 1-6 and 8) and its error messages."""
+
 from __future__ import annotations
 
 import io
@@ -8,24 +9,55 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import (
+    OPTIMIZERS,
+    LayerBag,
+    densities,
+    granularities,
+    growths,
+    layer_specs,
+    optimizers,
+    schedules,
+    scorers,
+    train_step,
+)
 from torch import nn
 
 import sparsefuse as sf
-from strategies import (OPTIMIZERS, LayerBag, densities, granularities, growths, layer_specs, optimizers,
-                        schedules, scorers, train_step)
+from sparsefuse.validation import positive_int
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 STEPS = 8
 
 
-def build(specs, granularity, opt_kind, density, schedule, scorer, growth, distribution="uniform", seed=0,
-          init_seed=0, regrow_init="zeros"):
+def build(
+    specs,
+    granularity,
+    opt_kind,
+    density,
+    schedule,
+    scorer,
+    growth,
+    distribution="uniform",
+    seed=0,
+    init_seed=0,
+    regrow_init="zeros",
+):
     torch.manual_seed(init_seed)
     model = LayerBag(specs)
     optimizer = optimizers(model.parameters(), opt_kind)
-    sparsity = sf.DynamicSparsity(model, optimizer, density=density, granularity=granularity, scorer=scorer,
-                                  growth=growth, schedule=schedule, distribution=distribution,
-                                  regrow_init=regrow_init, seed=seed)
+    sparsity = sf.DynamicSparsity(
+        model,
+        optimizer,
+        density=density,
+        granularity=granularity,
+        scorer=scorer,
+        growth=growth,
+        schedule=schedule,
+        distribution=distribution,
+        regrow_init=regrow_init,
+        seed=seed,
+    )
     return model, optimizer, sparsity
 
 
@@ -56,15 +88,22 @@ def assert_groups_constant(sparsity):
 
 
 @PROPERTY
-@given(data=st.data(), opt_kind=st.sampled_from(OPTIMIZERS), density=densities, schedule=schedules(),
-       scorer=scorers, growth=growths, distribution=st.sampled_from(["uniform", "er", "erk"]),
-       regrow_init=st.sampled_from(["zeros", "reinit"]))
-def test_invariants_hold_through_training(data, opt_kind, density, schedule, scorer, growth, distribution,
-                                          regrow_init):
+@given(
+    data=st.data(),
+    opt_kind=st.sampled_from(OPTIMIZERS),
+    density=densities,
+    schedule=schedules(),
+    scorer=scorers,
+    growth=growths,
+    distribution=st.sampled_from(["uniform", "er", "erk"]),
+    regrow_init=st.sampled_from(["zeros", "reinit"]),
+)
+def test_invariants_hold_through_training(data, opt_kind, density, schedule, scorer, growth, distribution, regrow_init):
     granularity = data.draw(granularities())
     specs = data.draw(layer_specs(granularity))
-    model, optimizer, sparsity = build(specs, granularity, opt_kind, density, schedule, scorer, growth,
-                                       distribution, regrow_init=regrow_init)
+    model, optimizer, sparsity = build(
+        specs, granularity, opt_kind, density, schedule, scorer, growth, distribution, regrow_init=regrow_init
+    )
     shapes = {n: tuple(w.shape) for n, w in weights(model, sparsity).items()}
     layer_density = sf.distribution.layer_densities(shapes, density, distribution)
     expected = {n: round(layer_density[n] * sparsity.masks[n].numel()) for n in shapes}
@@ -110,14 +149,21 @@ def test_global_density_matches_target_with_er_and_erk(data, density, kind):
     layer_density = sf.distribution.layer_densities(shapes, density, kind)
     total = sum(math.prod(s) for s in shapes.values())
     assert all(0.0 < d <= 1.0 + 1e-12 for d in layer_density.values())
-    assert sum(layer_density[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(density * total,
-                                                                                             rel=1e-9)
+    assert sum(layer_density[n] * math.prod(s) for n, s in shapes.items()) == pytest.approx(density * total, rel=1e-9)
     assert abs(sparsity.density() - density) <= 0.5 * len(shapes) / total + 1e-12
 
 
 @PROPERTY
-@given(data=st.data(), opt_kind=st.sampled_from(OPTIMIZERS), density=densities, schedule=schedules(),
-       scorer=scorers, growth=growths, stop_at=st.integers(0, STEPS), other_seed=st.integers(1, 1000))
+@given(
+    data=st.data(),
+    opt_kind=st.sampled_from(OPTIMIZERS),
+    density=densities,
+    schedule=schedules(),
+    scorer=scorers,
+    growth=growths,
+    stop_at=st.integers(0, STEPS),
+    other_seed=st.integers(1, 1000),
+)
 def test_resume_is_bit_identical(data, opt_kind, density, schedule, scorer, growth, stop_at, other_seed):
     """Invariant 5: interrupt at any step, restore into fresh objects built with another seed, continue."""
     granularity = data.draw(granularities())
@@ -130,19 +176,21 @@ def test_resume_is_bit_identical(data, opt_kind, density, schedule, scorer, grow
     for step in range(1, stop_at + 1):
         train_step(*first, step)
     buffer = io.BytesIO()
-    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(), "sparsity": first[2].state_dict()},
-               buffer)
+    torch.save(
+        {"model": first[0].state_dict(), "opt": first[1].state_dict(), "sparsity": first[2].state_dict()}, buffer
+    )
     buffer.seek(0)
     saved = torch.load(buffer)
-    resumed = build(specs, granularity, opt_kind, density, schedule, scorer, growth, seed=other_seed,
-                    init_seed=other_seed)
+    resumed = build(
+        specs, granularity, opt_kind, density, schedule, scorer, growth, seed=other_seed, init_seed=other_seed
+    )
     resumed[0].load_state_dict(saved["model"])
     resumed[1].load_state_dict(saved["opt"])
     resumed[2].load_state_dict(saved["sparsity"])
     for step in range(stop_at + 1, STEPS + 1):
         train_step(*resumed, step)
 
-    for (name, a), b in zip(reference[0].state_dict().items(), resumed[0].state_dict().values()):
+    for (name, a), b in zip(reference[0].state_dict().items(), resumed[0].state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert all(torch.equal(reference[2].masks[n], resumed[2].masks[n]) for n in reference[2].target_names)
     assert reference[2].history == resumed[2].history
@@ -172,8 +220,14 @@ def test_gradient_growth_picks_largest_dense_gradients_among_inactive():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the update sees exactly these weights
-    sparsity = sf.DynamicSparsity(model, optimizer, density=0.25, granularity="kernel",
-                                  growth=sf.growth.Gradient(), schedule=sf.schedules.Constant(every=1, alpha=0.5))
+    sparsity = sf.DynamicSparsity(
+        model,
+        optimizer,
+        density=0.25,
+        granularity="kernel",
+        growth=sf.growth.Gradient(),
+        schedule=sf.schedules.Constant(every=1, alpha=0.5),
+    )
     model(torch.randn(2, 6, 5, 5)).square().sum().backward()
     grad = model[0].weight.grad.clone()
     weight = model[0].weight.detach().clone()
@@ -184,7 +238,9 @@ def test_gradient_growth_picks_largest_dense_gradients_among_inactive():
     count = report.layers["0.weight"].grown
     assert count == int(0.5 * before.sum()) > 0
     grad_score = grad.abs().sum((2, 3)).masked_fill(before, -1.0).flatten()
-    assert set(torch.topk(grad_score, count).indices.tolist()) == set((after & ~before).flatten().nonzero()[:, 0].tolist())
+    assert set(torch.topk(grad_score, count).indices.tolist()) == set(
+        (after & ~before).flatten().nonzero()[:, 0].tolist()
+    )
     l1 = weight.abs().sum((2, 3)).masked_fill(~before, math.inf).flatten()
     dropped = set((before & ~after).flatten().nonzero()[:, 0].tolist())
     assert dropped == set(torch.topk(l1, count, largest=False).indices.tolist())
@@ -197,8 +253,14 @@ def test_regrow_init_reinit_gives_fresh_values_and_zeros_gives_zero():
         torch.manual_seed(0)
         model = nn.Linear(20, 20)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        sparsity = sf.DynamicSparsity(model, optimizer, density=0.5, granularity="element", regrow_init=init,
-                                      schedule=sf.schedules.Constant(every=1, alpha=0.5))
+        sparsity = sf.DynamicSparsity(
+            model,
+            optimizer,
+            density=0.5,
+            granularity="element",
+            regrow_init=init,
+            schedule=sf.schedules.Constant(every=1, alpha=0.5),
+        )
         before = sparsity.masks["weight"]
         model(torch.randn(3, 20)).sum().backward()
         optimizer.step()
@@ -212,8 +274,9 @@ def test_regrow_init_reinit_gives_fresh_values_and_zeros_gives_zero():
 
 
 def test_static_schedule_never_changes_topology_and_default_targets():
-    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ConvTranspose3d(4, 2, 2), nn.Flatten(),
-                          nn.Linear(8, 3))
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ConvTranspose3d(4, 2, 2), nn.Flatten(), nn.Linear(8, 3)
+    )
     sparsity = sf.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5)
     assert sparsity.target_names == ("0.weight", "2.weight", "4.weight")
     masks = sparsity.masks
@@ -240,20 +303,23 @@ def test_bad_density_is_refused(density):
         sf.DynamicSparsity(model, opt, density=density)
 
 
-@pytest.mark.parametrize("kwargs, error, pattern", [
-    (dict(targets=lambda name, module: False), ValueError, "targets matched no weight"),
-    (dict(targets=["0.weight", "nope.weight"]), ValueError, "nope.weight"),
-    (dict(targets="0.weight"), TypeError, "list of parameter names"),
-    (dict(granularity="filter"), ValueError, "unknown granularity 'filter'"),
-    (dict(granularity=sf.masks.Block(4, 4)), ValueError, r"Block\(4, 4\) does not tile '0.weight'"),
-    (dict(targets=["0.bias"]), ValueError, "'0.bias' has shape"),
-    (dict(distribution="erdos"), ValueError, "unknown distribution"),
-    (dict(density={"0.weight": 0.5}), ValueError, r"no value for \['1.weight'\]"),
-    (dict(density={"default": 0.5, "2.weight": 0.5}), ValueError, "not targets"),
-    (dict(schedule="cosine"), TypeError, "schedule must be"),
-    (dict(regrow_init="ones"), ValueError, "regrow_init"),
-    (dict(seed=-1), ValueError, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(targets=lambda name, module: False), ValueError, "targets matched no weight"),
+        (dict(targets=["0.weight", "nope.weight"]), ValueError, "nope.weight"),
+        (dict(targets="0.weight"), TypeError, "list of parameter names"),
+        (dict(granularity="filter"), ValueError, "unknown granularity 'filter'"),
+        (dict(granularity=sf.masks.Block(4, 4)), ValueError, r"Block\(4, 4\) does not tile '0.weight'"),
+        (dict(targets=["0.bias"]), ValueError, "'0.bias' has shape"),
+        (dict(distribution="erdos"), ValueError, "unknown distribution"),
+        (dict(density={"0.weight": 0.5}), ValueError, r"no value for \['1.weight'\]"),
+        (dict(density={"default": 0.5, "2.weight": 0.5}), ValueError, "not targets"),
+        (dict(schedule="cosine"), TypeError, "schedule must be"),
+        (dict(regrow_init="ones"), ValueError, "regrow_init"),
+        (dict(seed=-1), ValueError, "seed"),
+    ],
+)
 def test_bad_arguments_name_the_problem(kwargs, error, pattern):
     model, opt = _model_and_opt()
     with pytest.raises(error, match=pattern):
@@ -267,17 +333,28 @@ def test_targets_outside_the_optimizer_are_refused():
         sf.DynamicSparsity(model, opt)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(every=0, alpha=0.5), "every must be a positive int"),
-    (dict(every=-3, alpha=0.5), "every must be a positive int"),
-    (dict(every=10, alpha=0.0), "alpha must be in"),
-    (dict(every=10, alpha=0.5, total_steps=0), "total_steps"),
-    (dict(every=10, alpha=0.5, total_steps=100, stop=0), "stop"),
-])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(every=0, alpha=0.5), "every must be a positive int"),
+        (dict(every=-3, alpha=0.5), "every must be a positive int"),
+        (dict(every=10, alpha=0.0), "alpha must be in"),
+        (dict(every=10, alpha=0.5, total_steps=0), "total_steps"),
+        (dict(every=10, alpha=0.5, total_steps=100, stop=0), "stop"),
+    ],
+)
 def test_bad_schedules_are_refused(kwargs, pattern):
     cls = sf.schedules.CosineDecay if "total_steps" in kwargs else sf.schedules.Constant
     with pytest.raises(ValueError, match=pattern):
         cls(**kwargs)
+
+
+def test_positive_int_names_the_argument_and_the_fix():
+    assert positive_int("n", 3) == 3
+    with pytest.raises(ValueError, match=r"^n must be a positive int, got True; a count$"):
+        positive_int("n", True, "a count")
+    with pytest.raises(ValueError, match=r"^n must be an int >= 2, got 1$"):
+        positive_int("n", 1, minimum=2)
 
 
 def test_state_dict_from_another_model_is_refused():
@@ -297,8 +374,9 @@ def test_state_dict_from_another_model_is_refused():
 
 def test_gradient_growth_without_gradient_says_when_to_call_step():
     model, opt = _model_and_opt()
-    sparsity = sf.DynamicSparsity(model, opt, growth=sf.growth.Gradient(),
-                                  schedule=sf.schedules.Constant(every=1, alpha=0.5))
+    sparsity = sf.DynamicSparsity(
+        model, opt, growth=sf.growth.Gradient(), schedule=sf.schedules.Constant(every=1, alpha=0.5)
+    )
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
         sparsity.step()
 
