@@ -1,7 +1,7 @@
 """GPU benchmark at the paper's scale: E2ENet (density 1.0 and 0.2) against DynUNet (nnU-Net 3d_fullres).
 
-One prepared script for whenever a GPU is lent. Per model, run one after another (a GPU is not a shared noisy CPU,
-and sequential cases give clean per-case peak memory):
+Run it on a CUDA machine. Cases run one after another rather than interleaved (a GPU is not a shared, noisy CPU,
+and sequential cases give a clean peak memory per case):
 
 * training step: batch 2 x 1 x 128^3, fp16 autocast + GradScaler, channels_last_3d, nnU-Net's SGD (momentum 0.99,
   Nesterov, weight decay 3e-5), loss = sum of the deep-supervision outputs' mean squares (fp32); for density 0.2,
@@ -16,16 +16,16 @@ timed calls, reset after warm-up (so it is the steady state: parameters, gradien
 cudnn's one-off benchmarking workspaces). A case that runs out of memory is reported as "OOM"; the others go on. A
 time budget (--budget-s) skips what would not fit.
 
-Prints a markdown table with the GPU name and torch version; writes the same as JSON to $OUT/gpu_bench.json when
-$OUT is set.
+Prints a markdown table with the GPU name and torch version; also writes it as JSON to $OUT/gpu_bench.json when the
+environment variable OUT is set.
 
     python bench/gpu.py                 # on a GPU
     python bench/gpu.py --dry-run       # same code path on CPU: cpu-demo preset, 32^3, bf16 autocast, < 60 s
 
-DynUNet needs MONAI. Where it is not installed (the lent GPU machines have no MONAI and no network), put it in
-``<repo>/.gpu_deps`` (e.g. ``pip install --no-deps --target .gpu_deps monai``, or copy the venv's ``monai`` folder
-there), ignore that folder in ``.git/info/exclude`` and carry it; this script adds it to ``sys.path``. Without it
-the DynUNet rows say "unavailable".
+DynUNet needs MONAI. On a machine where it is not installed and cannot be, put it in ``.gpu_deps`` at the
+repository root (e.g. ``pip install --no-deps --target .gpu_deps monai``, or a copy of a virtual environment's
+``monai`` folder) and keep that folder out of git; this script adds it to ``sys.path``. Without it the DynUNet rows
+say "unavailable".
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-for extra in (REPO / ".gpu_deps", REPO, REPO / "examples" / "e2enet"):  # MONAI if carried, sparsefuse, the example
+for extra in (REPO / ".gpu_deps", REPO, REPO / "examples" / "e2enet"):  # MONAI if put there, sparsefuse, the example
     if extra.is_dir():
         sys.path.insert(0, str(extra))
 

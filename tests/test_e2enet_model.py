@@ -1,8 +1,8 @@
 """E2ENet example: the authors' architecture and every published Params / FLOPs / PT number.
 
 Published numbers: arXiv 2312.04727 Tables 1-3; the counting rule and the dense
-breakdown are from /work/shared/e2enet-spec.md sections 1.8 and 3. Paper-size
-models are built on the meta device; real forwards use the tiny cpu-demo preset.
+breakdown are in docs/authors-code.md. Paper-size models are built on the meta
+device; real forwards use the tiny cpu-demo preset.
 """
 from __future__ import annotations
 
