@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 import sparsefuse as sf
+from sparsefuse.validation import positive_int
 
 __all__ = [
     "PRESETS",
@@ -85,10 +86,13 @@ def _as_stride(s, index: int) -> Stride:
     return t
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def _stride_product(strides: Sequence[int | Sequence[int]]) -> Stride:
+    """Per-axis product of (D, H, W) strides; an int stride applies to all three axes."""
+    total = [1, 1, 1]
+    for stride in strides:
+        for axis, s in enumerate((stride,) * 3 if isinstance(stride, int) else stride):
+            total[axis] *= s
+    return tuple(total)
 
 
 class ConvUnit(nn.Module):
@@ -214,15 +218,15 @@ class E2ENet(nn.Module):
         deep_supervision: bool = True,
     ) -> None:
         super().__init__()
-        _positive_int("in_channels", in_channels)
-        _positive_int("num_classes", num_classes)
-        _positive_int("base_channels", base_channels)
-        _positive_int("max_channels", max_channels)
+        positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("base_channels", base_channels)
+        positive_int("max_channels", max_channels)
         # Two pools is the smallest net with a deep-supervision head below full resolution.
-        _positive_int("num_pools", num_pools, minimum=2)
-        _positive_int("encoder_units", encoder_units)
-        _positive_int("fusion_units", fusion_units)
-        _positive_int("last_diagonal_units", last_diagonal_units)
+        positive_int("num_pools", num_pools, minimum=2)
+        positive_int("encoder_units", encoder_units)
+        positive_int("fusion_units", fusion_units)
+        positive_int("last_diagonal_units", last_diagonal_units)
         if strides is None:
             strides = [(2, 2, 2)] * num_pools
         if len(strides) != num_pools:
@@ -230,7 +234,7 @@ class E2ENet(nn.Module):
         self.strides: tuple[Stride, ...] = tuple(_as_stride(s, k) for k, s in enumerate(strides))
         if not shift:
             shift_groups = 1
-        _positive_int("shift_groups", shift_groups)
+        positive_int("shift_groups", shift_groups)
         if shift_dim not in (2, 3, 4):
             raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
 
@@ -286,10 +290,7 @@ class E2ENet(nn.Module):
     @property
     def total_stride(self) -> Stride:
         """Product of all strides per axis: every input dim must be a multiple of it."""
-        d = h = w = 1
-        for sd, sh, sw in self.strides:
-            d, h, w = d * sd, h * sh, w * sw
-        return d, h, w
+        return _stride_product(self.strides)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.size(1) != self.in_channels:
@@ -385,11 +386,7 @@ def network_stride(model: nn.Module) -> Stride:
     """Total downsampling per axis: patches must be multiples of it."""
     if isinstance(model, E2ENet):
         return model.total_stride
-    d = h = w = 1
-    for stride in model.strides:  # DynUNet
-        sd, sh, sw = (stride,) * 3 if isinstance(stride, int) else stride
-        d, h, w = d * sd, h * sh, w * sw
-    return d, h, w
+    return _stride_product(model.strides)  # DynUNet
 
 
 def output_list(outputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
@@ -407,7 +404,7 @@ def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
     k = 0..num_outputs (one scale more than there are outputs), the last zeroed,
     the rest normalised to sum 1. For the paper's 4 outputs: 8/15, 4/15, 2/15, 1/15.
     """
-    _positive_int("num_outputs", num_outputs)
+    positive_int("num_outputs", num_outputs)
     raw = [0.5**k for k in range(num_outputs)]  # the (num_outputs+1)-th weight is the zeroed one
     total = sum(raw)
     return tuple(w / total for w in raw)
