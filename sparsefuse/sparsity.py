@@ -34,8 +34,19 @@ __all__ = ["DynamicSparsity", "UpdateReport", "LayerUpdate", "default_targets"]
 
 @dataclass(frozen=True)
 class LayerUpdate:
+    """One layer's counts at one update.
+
+    ``regrown_before`` groups were grown at the previous update; ``regrown_kept`` of them are still active after
+    this one (their survival). ``ever_active`` of the layer's ``groups`` have been active at some point since the
+    start (the in-time over-parameterisation, or exploration, rate of ITOP).
+    """
+
     dropped: int
     grown: int
+    regrown_before: int = 0
+    regrown_kept: int = 0
+    ever_active: int = 0
+    groups: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,18 @@ class UpdateReport:
     @property
     def grown(self) -> int:
         return sum(u.grown for u in self.layers.values())
+
+    @property
+    def survival(self) -> float | None:
+        """Share of the groups grown at the previous update that this update kept (None: none were grown)."""
+        before = sum(u.regrown_before for u in self.layers.values())
+        return sum(u.regrown_kept for u in self.layers.values()) / before if before else None
+
+    @property
+    def exploration(self) -> float:
+        """Share of all groups that have ever been active (ITOP's exploration rate)."""
+        groups = sum(u.groups for u in self.layers.values())
+        return sum(u.ever_active for u in self.layers.values()) / groups if groups else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +102,9 @@ class _Target:
         self.mask_device = torch.device("cpu") if param.device.type == "meta" else param.device
         self.mask: Tensor = torch.ones(self.groups_shape, dtype=torch.bool, device=self.mask_device)
         self.keep: Tensor = self.mask
+        # Flat, per group: the update that last grew it (0: never) and whether it was ever active.
+        self.grown_at: Tensor = torch.zeros(self.num_groups, dtype=torch.int32, device=self.mask_device)
+        self.ever_active: Tensor = torch.ones(self.num_groups, dtype=torch.bool, device=self.mask_device)
 
     def set_mask(self, mask: Tensor) -> None:
         self.mask = mask.to(device=self.mask_device, dtype=torch.bool).reshape(self.groups_shape)
@@ -124,6 +150,12 @@ class DynamicSparsity:
             Conv/Linear init) or a callable ``(weight_like_tensor, generator) -> None`` that fills its argument.
         seed: every random draw is keyed by (seed, step, layer index), never the global RNG, so replicas (DDP ranks)
             make identical decisions and a resumed run continues bit-identically.
+        grace_updates: groups grown at an update cannot be dropped at the next ``grace_updates`` updates (default
+            0: RigL's and SET's rule, where any active group may be dropped). Zero-initialised regrowth scored by
+            magnitude starts at the bottom of the ranking; when updates are close together (short runs) it is
+            dropped again before it can learn, and the layer never holds its nominal density of trained groups.
+            ``grace_updates=1`` gives every regrown group one full interval. Density and drop == grow still hold:
+            when protected groups leave fewer than the scheduled number droppable, fewer are exchanged.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision run, or None. When the scaler skipped the
             optimizer step (non-finite gradients), ``step()`` neither advances the schedule nor changes the
             topology: the step does not count, exactly as for the optimizer. Skips are detected by the scale
@@ -154,6 +186,7 @@ class DynamicSparsity:
         regrow_init: str | Callable[[Tensor, torch.Generator], None] = "zeros",
         seed: int = 0,
         scaler: torch.amp.GradScaler | None = None,
+        grace_updates: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -174,6 +207,9 @@ class DynamicSparsity:
             )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if isinstance(grace_updates, bool) or not isinstance(grace_updates, int) or grace_updates < 0:
+            raise ValueError(f"grace_updates must be a non-negative int (0: no protection), got {grace_updates!r}")
+        self.grace_updates = grace_updates
         self.model, self.optimizer = unwrap_model(model), optimizer  # DDP's "module." prefix never shows
         self.scorer = scorer if scorer is not None else scorers.L1()
         self.growth = growth if growth is not None else growth_policies.Random()
@@ -209,6 +245,7 @@ class DynamicSparsity:
             mask = torch.zeros(t.num_groups, dtype=torch.bool)
             mask[chosen] = True
             t.set_mask(mask)
+            t.ever_active = mask.to(t.mask_device)
         self._apply_masks()
 
     # ---------------------------------------------------------------------------------------- keyed randomness
@@ -250,6 +287,7 @@ class DynamicSparsity:
     @torch.no_grad()
     def _update(self, step: int, fraction: float) -> UpdateReport:
         layers: dict[str, LayerUpdate] = {}
+        update = len(self.history) + 1  # updates are numbered from 1; grown_at 0 means never grown
         needs_grad = getattr(self.scorer, "needs_grad", False) or getattr(self.growth, "needs_grad", False)
         for index, t in enumerate(self._targets):
             grad = t.param.grad
@@ -264,17 +302,34 @@ class DynamicSparsity:
                     f"With mixed precision pass scaler=GradScaler to DynamicSparsity so skipped steps are skipped "
                     f"here too; otherwise the run has diverged (lower the learning rate, clip gradients)"
                 )
-            active = t.active
+            was_active = t.mask.reshape(-1)
+            protected = (t.grown_at > 0) & (update - t.grown_at <= self.grace_updates) & was_active
+            droppable = int(was_active.sum()) - int(protected.sum())
             # Truncation as in RigL; capped so every regrown group was inactive before the update.
-            count = min(int(fraction * active), t.num_groups - active)
+            count = min(int(fraction * t.active), t.num_groups - t.active, droppable)
+            regrown_before = (t.grown_at == update - 1) & (t.grown_at > 0)
             if count > 0:
-                self._drop_and_grow(t, count, grad, self._generator(step, index))
-            layers[t.name] = LayerUpdate(dropped=count, grown=count)
+                grown = self._drop_and_grow(t, count, grad, self._generator(step, index), protected)
+                t.grown_at[grown] = update
+            now_active = t.mask.reshape(-1)
+            t.ever_active |= now_active
+            layers[t.name] = LayerUpdate(
+                dropped=count,
+                grown=count,
+                regrown_before=int(regrown_before.sum()),
+                regrown_kept=int((regrown_before & now_active).sum()),
+                ever_active=int(t.ever_active.sum()),
+                groups=t.num_groups,
+            )
         return UpdateReport(step=step, fraction=fraction, layers=layers)
 
-    def _drop_and_grow(self, t: _Target, count: int, grad: Tensor | None, generator: torch.Generator) -> None:
+    def _drop_and_grow(
+        self, t: _Target, count: int, grad: Tensor | None, generator: torch.Generator, protected: Tensor
+    ) -> Tensor:
+        """Drop the ``count`` lowest-scored active groups outside ``protected``, grow ``count`` inactive ones;
+        returns the flat indices grown."""
         was_active = t.mask.reshape(-1)
-        active, inactive = was_active.nonzero().squeeze(1), (~was_active).nonzero().squeeze(1)
+        active, inactive = (was_active & ~protected).nonzero().squeeze(1), (~was_active).nonzero().squeeze(1)
         keep_score = self.scorer(t.param, grad, t.granularity, generator).reshape(-1)
         grow_score = self.growth(t.param, grad, t.granularity, generator).reshape(-1)
         drop = active[torch.topk(keep_score[active], count, largest=False).indices]
@@ -286,6 +341,7 @@ class DynamicSparsity:
         self._apply_masks([t])
         if self.regrow_init != "zeros":
             self._reinit(t, grow, generator)
+        return grow
 
     def _reinit(self, t: _Target, grown: Tensor, generator: torch.Generator) -> None:
         fresh = torch.empty(t.param.shape, dtype=t.param.dtype)
@@ -369,6 +425,8 @@ class DynamicSparsity:
             "step": self._step,
             "seed": self.seed,
             "masks": {t.name: t.mask.cpu().clone() for t in self._targets},
+            "grown_at": {t.name: t.grown_at.cpu().clone() for t in self._targets},
+            "ever_active": {t.name: t.ever_active.cpu().clone() for t in self._targets},
             "history": [r.to_dict() for r in self.history],
             "last_scale": self._last_scale,
         }
@@ -398,7 +456,21 @@ class DynamicSparsity:
                     f"from a different model or granularity"
                 )
         for name, mask in masks.items():
-            self._by_name[name].set_mask(mask)
+            t = self._by_name[name]
+            t.set_mask(mask)
+            # State dicts saved before these were tracked: nothing counts as regrown, the active set as explored.
+            grown_at = state.get("grown_at", {}).get(name)
+            ever_active = state.get("ever_active", {}).get(name)
+            t.grown_at = (
+                grown_at.to(t.mask_device, torch.int32).reshape(-1).clone()
+                if grown_at is not None
+                else torch.zeros(t.num_groups, dtype=torch.int32, device=t.mask_device)
+            )
+            t.ever_active = (
+                ever_active.to(t.mask_device, torch.bool).reshape(-1).clone()
+                if ever_active is not None
+                else t.mask.reshape(-1).clone()
+            )
         self._step, self.seed = int(state["step"]), int(state["seed"])
         self.history = [UpdateReport.from_dict(r) for r in state.get("history", [])]
         self._last_scale = state.get("last_scale", self._last_scale)
