@@ -1,4 +1,5 @@
-"""Tests of the E2ENet example's data pipeline (examples/e2enet/data.py) and MNI dataset builder.
+"""Tests of the E2ENet example's data pipeline (dataset, planning, preprocessing, loader, the data.py CLI),
+its atomic writes and the MNI dataset builder.
 
 Small sizes throughout (MNI at 4 mm, 32^3 patches) so the module runs in well under two minutes
 on two CPU cores.
@@ -6,11 +7,10 @@ on two CPU cores.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +22,12 @@ pytest.importorskip("monai")
 pytest.importorskip("nilearn")
 
 import data  # noqa: E402
+import loader  # noqa: E402
+import planning  # noqa: E402
 import prepare_mni  # noqa: E402
+import preprocessing  # noqa: E402
+from atomic import atomic_write, write_json  # noqa: E402
+from dataset import convert_msd_dataset, read_dataset_json, verify_dataset  # noqa: E402
 
 NUM_TRAIN, NUM_TEST = 5, 2
 
@@ -72,9 +77,9 @@ def mni_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mni_preprocessed(mni_dataset, tmp_path_factory) -> tuple[Path, dict, data.PreprocessReport]:
+def mni_preprocessed(mni_dataset, tmp_path_factory) -> tuple[Path, planning.Plans, preprocessing.PreprocessReport]:
     out = tmp_path_factory.mktemp("preprocessed") / mni_dataset.name
-    plans, report = data.plan_and_preprocess(mni_dataset, out, network_stride=16, patch_voxel_budget=32**3)
+    plans, report = planning.plan_and_preprocess(mni_dataset, out, network_stride=16, patch_voxel_budget=32**3)
     return out, plans, report
 
 
@@ -112,7 +117,7 @@ def tiny_dataset(tmp_path) -> Path:
 
 
 def test_prepare_mni_writes_a_valid_four_class_dataset(mni_dataset):
-    cases = data.verify_dataset(mni_dataset)
+    cases = verify_dataset(mni_dataset)
     assert [c.case_id for c in cases] == [f"mni_train_{i:03d}" for i in range(NUM_TRAIN)]
     meta = json.loads((mni_dataset / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "T1"}
@@ -168,18 +173,21 @@ def test_prepare_mni_refuses_to_overwrite_foreign_folders(tmp_path):
 def test_mri_plan_and_preprocessed_cases(mni_dataset, mni_preprocessed):
     out, plans, report = mni_preprocessed
     images = sorted((mni_dataset / "imagesTr").glob("*.nii.gz"))
-    spacings = np.array([data._spacing(nib.load(p).affine) for p in images])
-    np.testing.assert_allclose(plans["target_spacing"], np.median(spacings, axis=0))
-    assert plans["normalization"] == [{"channel": "T1", "scheme": "zscore", "use_nonzero_mask": True}]
-    assert plans["fingerprint"]["median_relative_size_after_cropping"] < 0.75  # skull-stripped: the crop removes much
-    assert all(p % 16 == 0 for p in plans["patch_size"]) and np.prod(plans["patch_size"]) <= 32**3
-    assert plans["batch_size"] >= 2
-    assert json.loads((out / data.PLANS_FILE).read_text()) == plans
-    assert sorted(report.computed) == plans["fingerprint"]["case_ids"] and report.reused == []
+    spacings = np.array([nib.affines.voxel_sizes(nib.load(p).affine) for p in images])
+    np.testing.assert_allclose(plans.target_spacing, np.median(spacings, axis=0))
+    assert plans.normalization == [preprocessing.ZScoreNormalization("T1", use_nonzero_mask=True)]
+    assert plans.fingerprint.median_relative_size_after_cropping < 0.75  # skull-stripped: the crop removes much
+    assert all(p % 16 == 0 for p in plans.patch_size) and np.prod(plans.patch_size) <= 32**3
+    assert plans.batch_size >= 2
+    assert planning.Plans.load(out / planning.PLANS_FILE) == plans
+    saved = json.loads((out / planning.PLANS_FILE).read_text())  # a readable file: plain keys, the hash included
+    assert saved["normalization"] == [{"channel": "T1", "scheme": "zscore", "use_nonzero_mask": True}]
+    assert saved["preprocessing_hash"] == plans.preprocessing_hash
+    assert sorted(report.computed) == plans.fingerprint.case_ids and report.reused == []
 
-    case = data.load_preprocessed_case(report.directory, "mni_train_000")
-    preprocessed_spacing = data._spacing(np.array(case.properties["preprocessed_affine"]))
-    np.testing.assert_allclose(preprocessed_spacing, plans["target_spacing"], rtol=1e-4)
+    case = preprocessing.load_preprocessed_case(report.directory, "mni_train_000")
+    preprocessed_spacing = nib.affines.voxel_sizes(np.array(case.properties["preprocessed_affine"]))
+    np.testing.assert_allclose(preprocessed_spacing, plans.target_spacing, rtol=1e-4)
     inside = case.data[0][case.nonzero_mask]
     # z-scored before resampling (as nnU-Net), and bilinear resampling averages away some of the
     # voxel noise, so the std lands a little under 1
@@ -194,33 +202,33 @@ def test_revert_preprocessing_restores_the_original_grid(mni_dataset, mni_prepro
     _, plans, _ = mni_preprocessed
     image = mni_dataset / "imagesTr" / "mni_train_001_0000.nii.gz"
     label_file = mni_dataset / "labelsTr" / "mni_train_001.nii.gz"
-    _, seg, _, properties = data.preprocess_case([image], label_file, plans)
+    _, seg, _, properties = preprocessing.preprocess_case([image], label_file, plans)
     assert properties["resampled"]
-    restored = data.revert_preprocessing(seg, properties)
+    restored = preprocessing.revert_preprocessing(seg, properties)
     original = np.asanyarray(nib.load(label_file).dataobj)
     assert restored.shape == original.shape
     assert (restored == original).mean() > 0.95  # two nearest-neighbour resamplings by a few percent
     one_hot = np.eye(4, dtype=np.float32)[seg].transpose(3, 0, 1, 2)
-    probabilities = data.revert_preprocessing(one_hot, properties, is_label=False)
+    probabilities = preprocessing.revert_preprocessing(one_hot, properties, is_label=False)
     assert probabilities.shape == (4, *original.shape)
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
 
 
 def test_ct_channel_is_clipped_and_z_scored_with_dataset_statistics(ct_dataset, tmp_path):
     dataset, ct_volumes = ct_dataset
-    plans, report = data.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
-    ct_norm, t2_norm = plans["normalization"]
-    assert ct_norm["scheme"] == "CT" and t2_norm == {"channel": "T2", "scheme": "zscore", "use_nonzero_mask": False}
+    plans, report = planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
+    ct_norm, t2_norm = plans.normalization
+    assert ct_norm.scheme == "CT" and t2_norm == preprocessing.ZScoreNormalization("T2", use_nonzero_mask=False)
 
     labels = {cid: np.asanyarray(nib.load(dataset / "labelsTr" / f"{cid}.nii.gz").dataobj) for cid in ct_volumes}
     foreground = np.concatenate([ct_volumes[cid][labels[cid] > 0] for cid in ct_volumes])  # < 10,000: all sampled
     lo, hi = np.percentile(foreground, [0.5, 99.5])
-    np.testing.assert_allclose(ct_norm["clip"], [lo, hi], rtol=1e-6)
-    np.testing.assert_allclose([ct_norm["mean"], ct_norm["std"]], [foreground.mean(), foreground.std()], rtol=1e-5)
+    np.testing.assert_allclose(ct_norm.clip, [lo, hi], rtol=1e-6)
+    np.testing.assert_allclose([ct_norm.mean, ct_norm.std], [foreground.mean(), foreground.std()], rtol=1e-5)
     assert hi < 3000  # the outliers are clipped away
 
     for cid, raw in ct_volumes.items():
-        case = data.load_preprocessed_case(report.directory, cid)
+        case = preprocessing.load_preprocessed_case(report.directory, cid)
         expected = (np.clip(raw, lo, hi) - foreground.mean()) / foreground.std()
         np.testing.assert_allclose(case.data[0], expected, rtol=1e-4, atol=1e-4)
         # T2 is z-scored per image, so every case has mean 0 and std 1 whatever its raw level
@@ -230,45 +238,94 @@ def test_ct_channel_is_clipped_and_z_scored_with_dataset_statistics(ct_dataset, 
 def test_preprocessing_cache_is_reused_and_invalidated(ct_dataset, tmp_path):
     dataset, _ = ct_dataset
     out = tmp_path / "pre"
-    plans, first = data.plan_and_preprocess(dataset, out, network_stride=4)
+    plans, first = planning.plan_and_preprocess(dataset, out, network_stride=4)
     assert sorted(first.computed) == ["ct_0", "ct_1", "ct_2"]
     stamps = {p.name: p.stat().st_mtime_ns for p in first.directory.iterdir()}
 
-    again = data.preprocess_dataset(dataset, out, plans)
+    again = preprocessing.preprocess_dataset(dataset, out, plans)
     assert again.computed == [] and sorted(again.reused) == ["ct_0", "ct_1", "ct_2"]
     assert {p.name: p.stat().st_mtime_ns for p in again.directory.iterdir()} == stamps
 
-    bigger_patch = dict(plans, patch_size=[16, 16, 16])  # patch size does not change preprocessed arrays
-    assert data.preprocessing_hash(bigger_patch) == plans["preprocessing_hash"]
+    bigger_patch = dataclasses.replace(plans, patch_size=[16, 16, 16])  # does not change preprocessed arrays
+    assert bigger_patch.preprocessing_hash == plans.preprocessing_hash
 
-    coarser = copy.deepcopy(plans)
-    coarser["target_spacing"] = [2.0, 2.0, 2.0]
-    coarser["preprocessing_hash"] = data.preprocessing_hash(coarser)
-    changed = data.preprocess_dataset(dataset, out, coarser)
+    coarser = dataclasses.replace(plans, target_spacing=[2.0, 2.0, 2.0])
+    changed = preprocessing.preprocess_dataset(dataset, out, coarser)
     assert changed.directory != first.directory and sorted(changed.computed) == ["ct_0", "ct_1", "ct_2"]
-    assert data.load_preprocessed_case(changed.directory, "ct_0").data.shape[1:] == (6, 6, 6)
+    assert preprocessing.load_preprocessed_case(changed.directory, "ct_0").data.shape[1:] == (6, 6, 6)
 
     edited = dataset / "imagesTr" / "ct_1_0000.nii.gz"
     os.utime(edited, ns=(edited.stat().st_atime_ns, edited.stat().st_mtime_ns + 10**9))
-    after_edit = data.preprocess_dataset(dataset, out, plans)
+    after_edit = preprocessing.preprocess_dataset(dataset, out, plans)
     assert after_edit.computed == ["ct_1"] and sorted(after_edit.reused) == ["ct_0", "ct_2"]
+
+
+def test_plans_file_format_and_preprocessing_hash_are_stable(tmp_path):
+    """plans.json keeps its plain keys, and the hash naming the cache folder its value, so caches stay valid."""
+    entries = {
+        "dataset_name": "Dataset900_Synthetic",
+        "channel_names": {"0": "CT", "1": "T2"},
+        "labels": {"background": 0, "organ": 1},
+        "num_classes": 2,
+        "target_spacing": [1.0, 1.25, 2.5],
+        "median_shape": [12.0, 10.0, 6.0],
+        "network_stride": [4, 4, 4],
+        "patch_size": [12, 12, 8],
+        "batch_size": 2,
+        "normalization": [
+            {
+                "channel": "CT",
+                "scheme": "CT",
+                "use_nonzero_mask": False,
+                "clip": [-12.5, 95.25],
+                "mean": 40.5,
+                "std": 19.75,
+            },
+            {"channel": "T2", "scheme": "zscore", "use_nonzero_mask": True},
+        ],
+        "fingerprint": {
+            "case_ids": ["a", "b"],
+            "spacings": [[1.0, 1.25, 2.5], [1.0, 1.25, 2.5]],
+            "shapes_before_crop": [[12, 10, 6], [12, 10, 6]],
+            "shapes_after_crop": [[12, 10, 6], [12, 10, 6]],
+            "median_relative_size_after_cropping": 1.0,
+            "foreground_intensity_properties_per_channel": {"0": {"mean": 40.5}, "1": {"mean": 200.0}},
+        },
+        "preprocessing_hash": "cc870cd8fbe0",  # written by every version of the example since the cache began
+    }
+    plans = planning.Plans.from_json(entries)
+    assert plans.preprocessing_hash == "cc870cd8fbe0"
+    assert plans.to_json() == entries
+    assert planning.Plans.load(plans.save(tmp_path / planning.PLANS_FILE)) == plans
+    with pytest.raises(ValueError, match="unknown normalisation scheme 'minmax'"):
+        planning.Plans.from_json({**entries, "normalization": [{"channel": "T2", "scheme": "minmax"}]})
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "state.json"
+    write_json(path, {"epoch": 1})
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write(b'{"epoch": 2, "half')
+        raise RuntimeError("crash while writing")
+    assert json.loads(path.read_text()) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
 
 
 def test_splits_follow_nnunet_and_are_reused(tmp_path):
     from sklearn.model_selection import KFold
 
     ids = [f"case_{i:02d}" for i in range(11)]
-    splits = data.get_splits(tmp_path, list(reversed(ids)))
+    splits = planning.get_splits(tmp_path, list(reversed(ids)))
     assert len(splits) == 5
-    for split, (train, val) in zip(splits, KFold(5, shuffle=True, random_state=12345).split(ids)):
+    for split, (train, val) in zip(splits, KFold(5, shuffle=True, random_state=12345).split(ids), strict=True):
         assert split == {"train": [ids[i] for i in train], "val": [ids[i] for i in val]}
     assert sorted(sum((s["val"] for s in splits), [])) == ids
     custom = [{"train": ids[:-1], "val": ids[-1:]}]
-    (tmp_path / data.SPLITS_FILE).write_text(json.dumps(custom))
-    assert data.get_splits(tmp_path, ids) == custom  # an existing file wins, as in nnU-Net
-    assert data.fold_cases(tmp_path, ids, "all") == (ids, ids)
+    (tmp_path / planning.SPLITS_FILE).write_text(json.dumps(custom))
+    assert planning.get_splits(tmp_path, ids) == custom  # an existing file wins, as in nnU-Net
+    assert planning.fold_cases(tmp_path, ids, "all") == (ids, ids)
     with pytest.raises(ValueError, match="case_99"):
-        data.get_splits(tmp_path, ids + ["case_99"])
+        planning.get_splits(tmp_path, ids + ["case_99"])
 
 
 # --------------------------------------------------------------------------- training loader
@@ -276,16 +333,16 @@ def test_splits_follow_nnunet_and_are_reused(tmp_path):
 
 def test_foreground_oversampling_forces_the_last_samples(mni_preprocessed):
     out, plans, report = mni_preprocessed
-    train_ids, _ = data.fold_cases(out, plans["fingerprint"]["case_ids"], 0)
+    train_ids, _ = planning.fold_cases(out, plans.fingerprint.case_ids, 0)
     for batch_size, expected in ((2, [False, True]), (3, [False, False, True]), (4, [False, False, False, True])):
-        loader = data.TrainLoader(report.directory, train_ids, plans, seed=batch_size, batch_size=batch_size)
+        batches = loader.TrainLoader(report.directory, train_ids, plans, seed=batch_size, batch_size=batch_size)
         for _ in range(12):
-            batch = next(loader)
-            assert batch["image"].shape == (batch_size, 1, *plans["patch_size"])
+            batch = next(batches)
+            assert batch["image"].shape == (batch_size, 1, *plans.patch_size)
             assert batch["image"].dtype == torch.float32
             assert batch["label"].dtype == torch.int64 and batch["label"].min() >= 0 and batch["label"].max() <= 3
             assert batch["forced_foreground"] == expected  # B - round(0.67 B) forced, at the end as in nnU-Net
-            for label, forced in zip(batch["label"], batch["forced_foreground"]):
+            for label, forced in zip(batch["label"], batch["forced_foreground"], strict=True):
                 assert not forced or (label > 0).any()
 
 
@@ -295,14 +352,14 @@ def test_forced_sample_keeps_a_single_foreground_voxel_through_augmentation(tmp_
     label[7, 2, 5] = 1
     image = np.random.default_rng(2).normal(5, 1, label.shape)
     dataset = make_dataset(tmp_path, {"0": "MR"}, {"background": 0, "dot": 1}, {"dot": ([image], label)})
-    plans, report = data.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=16)
-    assert plans["patch_size"] == [16, 16, 16]  # larger than the image: padded
-    loader = data.TrainLoader(report.directory, ["dot"], plans, seed=0, batch_size=2)
+    plans, report = planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=16)
+    assert plans.patch_size == [16, 16, 16]  # larger than the image: padded
+    batches = loader.TrainLoader(report.directory, ["dot"], plans, seed=0, batch_size=2)
     rotated_or_scaled = []
-    resample_patch = loader._resample_patch
-    monkeypatch.setattr(loader, "_resample_patch", lambda *args: rotated_or_scaled.append(1) or resample_patch(*args))
+    resample_patch = batches._resample_patch
+    monkeypatch.setattr(batches, "_resample_patch", lambda *args: rotated_or_scaled.append(1) or resample_patch(*args))
     for _ in range(150):
-        batch = next(loader)
+        batch = next(batches)
         assert batch["forced_foreground"] == [False, True]
         assert (batch["label"][1] == 1).any()
     assert len(rotated_or_scaled) > 40  # p = 1 - 0.8^2 per sample, so the spatial path was well exercised
@@ -310,10 +367,10 @@ def test_forced_sample_keeps_a_single_foreground_voxel_through_augmentation(tmp_
 
 def test_loader_is_deterministic_and_resumes_exactly(mni_preprocessed):
     out, plans, report = mni_preprocessed
-    ids = plans["fingerprint"]["case_ids"]
+    ids = plans.fingerprint.case_ids
 
-    def draw(loader, n):
-        return [next(loader) for _ in range(n)]
+    def draw(batches, n):
+        return [next(batches) for _ in range(n)]
 
     def same(a, b):
         return all(
@@ -323,29 +380,30 @@ def test_loader_is_deterministic_and_resumes_exactly(mni_preprocessed):
             for x, y in zip(a, b, strict=True)
         )
 
-    original = data.TrainLoader(report.directory, ids, plans, seed=7)
+    original = loader.TrainLoader(report.directory, ids, plans, seed=7)
     threads = torch.get_num_threads()
     head = draw(original, 4)
     assert torch.get_num_threads() == threads  # the loader runs single-threaded but restores the setting
     state = json.loads(json.dumps(original.state_dict()))  # checkpoints may store it as JSON
     tail = draw(original, 4)
 
-    assert same(head, draw(data.TrainLoader(report.directory, ids, plans, seed=7), 4))
-    resumed = data.TrainLoader(report.directory, ids, plans, seed=12345)
+    assert same(head, draw(loader.TrainLoader(report.directory, ids, plans, seed=7), 4))
+    resumed = loader.TrainLoader(report.directory, ids, plans, seed=12345)
     resumed.load_state_dict(state)
     assert resumed.batches_drawn == 4
     assert same(tail, draw(resumed, 4))
-    assert not same(head, draw(data.TrainLoader(report.directory, ids, plans, seed=8), 4))
+    assert not same(head, draw(loader.TrainLoader(report.directory, ids, plans, seed=8), 4))
 
 
 def test_explicit_patch_larger_than_the_data_is_refused(mni_preprocessed):
     out, plans, report = mni_preprocessed
+    meta = {"channel_names": plans.channel_names, "labels": plans.labels}
     with pytest.raises(ValueError, match=r"exceeds the largest case \(mni_train_\d+"):
-        data.plan_experiment(plans["fingerprint"], plans, network_stride=16, patch_size=[256, 32, 32])
+        planning.plan_experiment(plans.fingerprint, meta, network_stride=16, patch_size=[256, 32, 32])
     with pytest.raises(ValueError, match="not a multiple of the network stride"):
-        data.plan_experiment(plans["fingerprint"], plans, network_stride=16, patch_size=[40, 32, 32])
+        planning.plan_experiment(plans.fingerprint, meta, network_stride=16, patch_size=[40, 32, 32])
     with pytest.raises(ValueError, match=r"exceeds the largest case \(mni_train_\d+"):
-        data.TrainLoader(report.directory, ["mni_train_000"], plans, seed=0, patch_size=[32, 32, 256])
+        loader.TrainLoader(report.directory, ["mni_train_000"], plans, seed=0, patch_size=[32, 32, 256])
 
 
 # --------------------------------------------------------------------------- MSD conversion
@@ -380,21 +438,21 @@ def test_msd_task_is_converted_to_the_v2_layout(tmp_path):
     (task / "dataset.json").write_text(json.dumps(meta))
 
     with pytest.raises(ValueError, match="convert-msd"):
-        data.read_dataset_json(task)
-    converted = data.convert_msd_dataset(task, tmp_path / "raw")
+        read_dataset_json(task)
+    converted = convert_msd_dataset(task, tmp_path / "raw")
     assert converted.name == "Dataset005_Prostate"
     new_meta = json.loads((converted / "dataset.json").read_text())
     assert new_meta["channel_names"] == {"0": "T2", "1": "ADC"}
     assert new_meta["labels"] == {"background": 0, "PZ": 1, "TZ": 2}
     assert new_meta["numTraining"] == 2 and new_meta["file_ending"] == ".nii.gz"
-    assert len(data.verify_dataset(converted)) == 2
+    assert len(verify_dataset(converted)) == 2
     for channel in (0, 1):
         img = nib.load(converted / "imagesTr" / f"prostate_01_{channel:04d}.nii.gz")
         np.testing.assert_array_equal(img.get_fdata(dtype=np.float32), volumes["prostate_01"][..., channel])
         np.testing.assert_allclose(img.affine, affine)
     assert (converted / "imagesTs" / "prostate_02_0001.nii.gz").is_file()
     with pytest.raises(ValueError, match="already exists"):
-        data.convert_msd_dataset(task, tmp_path / "raw")
+        convert_msd_dataset(task, tmp_path / "raw")
 
 
 # --------------------------------------------------------------------------- bad input
@@ -454,10 +512,10 @@ def _extra_channel(dataset: Path) -> None:
     ids=["missing-channel", "missing-label", "numTraining", "shape", "affine", "undeclared", "nan", "extra-channel"],
 )
 def test_bad_input_is_reported_with_case_and_problem(tiny_dataset, corrupt, expected):
-    data.verify_dataset(tiny_dataset)  # valid before corruption
+    verify_dataset(tiny_dataset)  # valid before corruption
     corrupt(tiny_dataset)
     with pytest.raises(ValueError, match=expected):
-        data.verify_dataset(tiny_dataset)
+        verify_dataset(tiny_dataset)
 
 
 def test_verify_lists_every_problem_at_once(tiny_dataset):
@@ -467,7 +525,7 @@ def test_verify_lists_every_problem_at_once(tiny_dataset):
     label_a[0, 0, 0] = 7
     write_nifti(tiny_dataset / "labelsTr" / "case_a.nii.gz", label_a)
     with pytest.raises(ValueError, match="3 problem") as info:
-        data.verify_dataset(tiny_dataset)
+        verify_dataset(tiny_dataset)
     message = str(info.value)
     assert "case_b: no label" in message and "NaN" in message and "case_a: label values [7]" in message
 
@@ -477,7 +535,7 @@ def test_ct_plan_without_any_foreground_is_refused(tmp_path):
     cases = {f"ct_{i}": ([np.full(empty.shape, -1000.0)], empty) for i in range(2)}
     dataset = make_dataset(tmp_path, {"0": "CT"}, {"background": 0, "organ": 1}, cases)
     with pytest.raises(ValueError, match=r"channel 0 \(CT\) uses CT normalisation.*no training case has a foreground"):
-        data.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
+        planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
 
 
 def test_plan_stops_before_preprocessing_bad_data(tiny_dataset, tmp_path, capsys):

@@ -4,7 +4,6 @@ masks, the empty-class rules, folder evaluation through NIfTI files, and bad-inp
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -108,11 +107,23 @@ def test_empty_class_rules():
     classes = result["classes"]
     assert classes["1"]["status"] == "scored" and classes["1"]["hd95"] == 0.0
     assert {k: classes["2"][k] for k in ("dice", "nsd", "hd95", "status")} == {
-        "dice": 0.0, "nsd": 0.0, "hd95": None, "status": "empty_prediction"}
+        "dice": 0.0,
+        "nsd": 0.0,
+        "hd95": None,
+        "status": "empty_prediction",
+    }
     assert {k: classes["3"][k] for k in ("dice", "nsd", "hd95", "status")} == {
-        "dice": 0.0, "nsd": 0.0, "hd95": None, "status": "empty_reference"}
+        "dice": 0.0,
+        "nsd": 0.0,
+        "hd95": None,
+        "status": "empty_reference",
+    }
     assert {k: classes["4"][k] for k in ("dice", "nsd", "hd95", "status")} == {
-        "dice": None, "nsd": None, "hd95": None, "status": "both_empty"}
+        "dice": None,
+        "nsd": None,
+        "hd95": None,
+        "status": "both_empty",
+    }
     # case mean: Dice over classes 1-3 (the failures count), HD95 over class 1 only
     assert result["mean"]["dice"] == pytest.approx(1 / 3)
     assert result["mean"]["hd95"] == 0.0
@@ -143,10 +154,16 @@ def dataset(tmp_path):
         write_nifti(ref_dir / f"{case}.nii.gz", ref, affine_for(spacing))
         write_nifti(pred_dir / f"{case}.nii.gz", pred, affine_for(spacing))
     dataset_json = tmp_path / "dataset.json"
-    dataset_json.write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2, "tumour": 3},
-        "numTraining": 2, "file_ending": ".nii.gz",
-    }))
+    dataset_json.write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "CT"},
+                "labels": {"background": 0, "liver": 1, "spleen": 2, "tumour": 3},
+                "numTraining": 2,
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
     return ref_dir, pred_dir, dataset_json
 
 

@@ -182,7 +182,7 @@ def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_i
 
 def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
     """A two-channel (CT + T2), anisotropic MSD-style task: convert, train, predict, evaluate."""
-    import data
+    from dataset import convert_msd_dataset
 
     task = tmp_path / "Task09_Blobs"
     for folder in ("imagesTr", "labelsTr", "imagesTs"):
@@ -209,7 +209,7 @@ def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
         "numTraining": 6, "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
                                        for n in names], "test": ["./imagesTs/blob_99.nii.gz"]}))
 
-    dataset = data.convert_msd_dataset(task, tmp_path / "raw")
+    dataset = convert_msd_dataset(task, tmp_path / "raw")
     out = tmp_path / "run"
     train.main(["--data", str(dataset), "--out", str(out), "--fold", "0", "--density", "0.3", "--epochs", "2",
                 "--iters-per-epoch", "2", "--val-iters", "1", "--no-progress"])

@@ -19,6 +19,7 @@ Counting rule (spec section 3, reproduces all published numbers):
   "+1" term only on fusion convs (:func:`model.is_fusion_conv`).
 * FLOPs ("macs"): the true cost, 2 x multiply-accumulates, for comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,10 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import torch
+from model import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
 from torch import nn
 
 import sparsefuse as sf
-
-from model import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
 
 __all__ = [
     "PAPER_PT_REFERENCES",
@@ -53,8 +53,7 @@ PAPER_PT_REFERENCES: dict[str, dict[str, float]] = {
 }
 
 
-def uniform_kernel_sparsity(model: nn.Module, density: float,
-                            override_48: float | None = None) -> sf.DynamicSparsity:
+def uniform_kernel_sparsity(model: nn.Module, density: float, override_48: float | None = None) -> sf.DynamicSparsity:
     """The authors' uniform kernel density on every fusion target of ``model``, as a fixed-mask sparsifier.
 
     Each target keeps ``round(density * dim0 * dim1)`` random kernels, as the authors' uniform init draws; which
@@ -75,8 +74,13 @@ def uniform_kernel_sparsity(model: nn.Module, density: float,
         raise ValueError(f"override_48 must be in (0, 1] or None, got {override_48}")
     densities: dict[str, float] = {"default": density}
     if override_48 is not None:
-        densities.update({f"{name}.weight": override_48 for name, module in model.named_modules()
-                          if e2enet_fusion_targets(name, module) and module.weight.shape[0] == 48})
+        densities.update(
+            {
+                f"{name}.weight": override_48
+                for name, module in model.named_modules()
+                if e2enet_fusion_targets(name, module) and module.weight.shape[0] == 48
+            }
+        )
     return sf.DynamicSparsity(model, None, density=densities, targets=e2enet_fusion_targets, granularity="kernel")
 
 
@@ -195,16 +199,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--in-channels", type=int, default=1, help="image channels (AMOS/BTCV 1, BraTS 4)")
     parser.add_argument("--classes", type=int, default=16, help="classes incl. background (AMOS 16, BTCV 14, BraTS 4)")
-    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
-                        help="input patch; the paper uses 128^3 (BTCV 96^3)")
-    parser.add_argument("--density", type=_fraction, default=1.0,
-                        help="fraction of fusion kernels kept, 1 - S (S=0.8 -> 0.2)")
-    parser.add_argument("--override-48", type=_fraction, default=None, metavar="D",
-                        help="authors' quirk: masked weights with dim0 = 48 use density D (AMOS S=0.7 row: 0.2)")
+    parser.add_argument(
+        "--patch",
+        type=int,
+        nargs=3,
+        default=[128, 128, 128],
+        metavar=("D", "H", "W"),
+        help="input patch; the paper uses 128^3 (BTCV 96^3)",
+    )
+    parser.add_argument(
+        "--density", type=_fraction, default=1.0, help="fraction of fusion kernels kept, 1 - S (S=0.8 -> 0.2)"
+    )
+    parser.add_argument(
+        "--override-48",
+        type=_fraction,
+        default=None,
+        metavar="D",
+        help="authors' quirk: masked weights with dim0 = 48 use density D (AMOS S=0.7 row: 0.2)",
+    )
     parser.add_argument("--shift-groups", type=int, default=3, help="depth-shift groups (counts do not depend on it)")
     parser.add_argument("--mdice", type=float, default=None, help="mDice in %%, to compute the PT score (eq. 7)")
-    parser.add_argument("--pt-refs", choices=sorted(PAPER_PT_REFERENCES), default="amos",
-                        help="paper table whose best mDice / smallest Params / FLOPs are the PT references")
+    parser.add_argument(
+        "--pt-refs",
+        choices=sorted(PAPER_PT_REFERENCES),
+        default="amos",
+        help="paper table whose best mDice / smallest Params / FLOPs are the PT references",
+    )
     parser.add_argument("--mdice-max", type=float, default=None, help="override the reference best mDice (%%)")
     parser.add_argument("--params-min", type=float, default=None, help="override the reference smallest Params (M)")
     parser.add_argument("--flops-min", type=float, default=None, help="override the reference smallest FLOPs (G)")
@@ -216,8 +236,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if getattr(args, key) is not None:
             refs[key] = getattr(args, key)
     try:
-        result = report(args.in_channels, args.classes, args.patch, args.density, args.override_48,
-                        args.shift_groups, args.mdice, refs)
+        result = report(
+            args.in_channels,
+            args.classes,
+            args.patch,
+            args.density,
+            args.override_48,
+            args.shift_groups,
+            args.mdice,
+            refs,
+        )
     except ValueError as e:  # e.g. a patch the network cannot downsample 5 times
         parser.error(str(e))
     print(json.dumps(result) if args.json else format_table(result))

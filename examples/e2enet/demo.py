@@ -9,14 +9,14 @@ eq. 4-5, and true MACs), the PT score (eq. 7, references taken over the two runs
 and inference seconds per case. Each step prints the equivalent command line. Rerunning continues finished or
 interrupted runs (``--resume``). About 6 minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import torch
-
 import prepare_mni
+import torch
 from compare import add_pt_scores, run_setting
 
 
@@ -33,10 +33,19 @@ def main(argv=None) -> list[dict]:
     if not (dataset / "dataset.json").is_file():
         print(f"$ python {Path(prepare_mni.__file__)} --out {dataset.parent}")
         dataset = prepare_mni.build_mni_dataset(dataset.parent)
-    rows = [run_setting(name, ["--density", str(density)], dataset, args.workdir / f"density_{density}",
-                        preset="cpu-demo", epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
-                        progress=not args.no_progress)
-            for name, density in (("E2ENet dense", 1.0), (f"E2ENet DSFF {args.density}", args.density))]
+    rows = [
+        run_setting(
+            name,
+            ["--density", str(density)],
+            dataset,
+            args.workdir / f"density_{density}",
+            preset="cpu-demo",
+            epochs=args.epochs,
+            iters_per_epoch=args.iters_per_epoch,
+            progress=not args.no_progress,
+        )
+        for name, density in (("E2ENet dense", 1.0), (f"E2ENet DSFF {args.density}", args.density))
+    ]
     add_pt_scores(rows)
     print(format_results(rows))
     return rows
@@ -45,15 +54,25 @@ def main(argv=None) -> list[dict]:
 def format_results(rows: list[dict]) -> str:
     classes = list(rows[0]["dice_per_class"])
     patch = "x".join(map(str, rows[0]["patch"]))
-    header = (f"{'model':<20} " + " ".join(f"{c[:12]:>12}" for c in classes) +
-              f" {'mDice':>7} {'Params':>9} {'FLOPs eq5':>10} {'MACs':>8} {'PT':>6} {'s/iter':>7} {'infer s':>8}")
-    lines = ["", f"E2ENet demo: test-set Dice per class (held-out cases); FLOPs per {patch} patch in G; "
-                 "PT = eq. 7 with references over these rows", header, "-" * len(header)]
+    header = (
+        f"{'model':<20} "
+        + " ".join(f"{c[:12]:>12}" for c in classes)
+        + f" {'mDice':>7} {'Params':>9} {'FLOPs eq5':>10} {'MACs':>8} {'PT':>6} {'s/iter':>7} {'infer s':>8}"
+    )
+    lines = [
+        "",
+        f"E2ENet demo: test-set Dice per class (held-out cases); FLOPs per {patch} patch in G; "
+        "PT = eq. 7 with references over these rows",
+        header,
+        "-" * len(header),
+    ]
     for r in rows:
         per_class = " ".join(f"{r['dice_per_class'][c]:>12.4f}" for c in classes)
-        lines.append(f"{r['name']:<20} {per_class} {r['mdice']:>7.4f} {r['params']:>9,} "
-                     f"{r['flops'] / 1e9:>10.3f} {r['flops_macs'] / 1e9:>8.3f} {r['pt']:>6.3f} "
-                     f"{r['seconds_per_iteration']:>7.3f} {r['inference_seconds_per_case']:>8.2f}")
+        lines.append(
+            f"{r['name']:<20} {per_class} {r['mdice']:>7.4f} {r['params']:>9,} "
+            f"{r['flops'] / 1e9:>10.3f} {r['flops_macs'] / 1e9:>8.3f} {r['pt']:>6.3f} "
+            f"{r['seconds_per_iteration']:>7.3f} {r['inference_seconds_per_case']:>8.2f}"
+        )
     return "\n".join(lines)
 
 

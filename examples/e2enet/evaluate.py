@@ -6,7 +6,7 @@
 
 Files are NIfTI label maps named ``{case}.nii.gz`` (nnU-Net naming, no ``_0000`` channel suffix),
 matched by file name. Every reference needs a prediction on the same voxel grid (same shape, and
-affines equal within rtol 1e-4 / atol 1e-3, the tolerance of ``data.verify_dataset``); anything
+affines equal within rtol 1e-4 / atol 1e-3, the tolerance of ``dataset.verify_dataset``); anything
 else raises ValueError naming the case and the fix. Predictions without a reference are listed in
 the summary (``unmatched_predictions``) and not scored.
 
@@ -78,6 +78,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from dataset import same_affine
 from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
 __all__ = [
@@ -95,9 +96,6 @@ FILE_ENDING = ".nii.gz"
 METRICS = ("dice", "nsd", "hd95")
 STATUSES = ("scored", "both_empty", "empty_reference", "empty_prediction")
 HD_PERCENTILE = 95.0
-# Same grid tolerance as data.verify_dataset, so a prediction written with the reference affine
-# after a float32 round trip passes, while a wrong origin or voxel size (>= 1e-3 mm) does not.
-AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
 
 LabelSpec = Mapping[str, "int | Sequence[int]"] | Sequence[int]
 
@@ -266,9 +264,9 @@ def _check_same_grid(ref: nib.Nifti1Image, pred: nib.Nifti1Image, case: str) -> 
         raise ValueError(
             f"case {case}: prediction shape {pred.shape} differs from reference shape {ref.shape}; "
             "export the prediction on the original image grid (undo cropping and resampling, "
-            "e.g. data.revert_preprocessing) before evaluating"
+            "e.g. preprocessing.revert_preprocessing) before evaluating"
         )
-    if not np.allclose(pred.affine, ref.affine, rtol=AFFINE_RTOL, atol=AFFINE_ATOL):
+    if not same_affine(pred.affine, ref.affine):  # the grid tolerance of dataset verification
         difference = np.abs(pred.affine - ref.affine).max()
         raise ValueError(
             f"case {case}: prediction affine differs from the reference affine (max difference {difference:.4g}); "
@@ -401,14 +399,18 @@ def format_table(summary: Mapping) -> str:
     for metric, title, digits in (("dice", "Dice", 4), ("nsd", "NSD", 4), ("hd95", "HD95 (mm)", 2)):
         if metric == "nsd":
             title += f" (tolerance {summary['settings']['nsd_tolerance_mm']:g} mm)"
-        header = f"{'case':<{case_width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths)) + f"  {'mean':>8}"
+        header = (
+            f"{'case':<{case_width}}  "
+            + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
+            + f"  {'mean':>8}"
+        )
         lines = [title, header, "-" * len(header)]
         for case in summary["per_case"]:
-            row = [cell(case["classes"][n][metric], digits, w) for n, w in zip(names, widths)]
+            row = [cell(case["classes"][n][metric], digits, w) for n, w in zip(names, widths, strict=True)]
             case_mean = cell(case["mean"][metric], digits, 8)
             lines.append(f"{case['case']:<{case_width}}  " + "  ".join(row) + f"  {case_mean}")
         lines.append("-" * len(header))
-        row = [cell(summary["per_class_mean"][n][metric], digits, w) for n, w in zip(names, widths)]
+        row = [cell(summary["per_class_mean"][n][metric], digits, w) for n, w in zip(names, widths, strict=True)]
         lines.append(f"{'mean':<{case_width}}  " + "  ".join(row) + f"  {cell(summary['mean'][metric], digits, 8)}")
         blocks.append("\n".join(lines))
 

@@ -9,25 +9,24 @@ with the run's plans (crop, normalise, resample), predicted with a sliding windo
 averaged over the folds, resampled back and written as ``{case}.nii.gz`` with the input's affine and shape.
 Cases whose output already exists are skipped unless ``--overwrite``.
 """
+
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import re
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from tqdm import tqdm
-
-from data import preprocess_case, revert_preprocessing, to_network_layout
+from dataset import CHANNEL_FILE
+from loader import to_network_layout
 from model import build_model
-
-CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+from monai.inferers import sliding_window_inference
+from planning import PLANS_FILE, Plans
+from preprocessing import preprocess_case, revert_preprocessing
+from tqdm import tqdm
 
 
 def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
@@ -38,20 +37,25 @@ def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
         if match:
             cases.setdefault(match["case"], {})[int(match["channel"])] = path
     if not cases:
-        raise SystemExit(f"no images named CASE_XXXX.nii.gz in {folder}; name each channel file "
-                         f"{{case}}_0000.nii.gz, {{case}}_0001.nii.gz, ... as nnU-Net does")
+        raise SystemExit(
+            f"no images named CASE_XXXX.nii.gz in {folder}; name each channel file "
+            f"{{case}}_0000.nii.gz, {{case}}_0001.nii.gz, ... as nnU-Net does"
+        )
     for case, channels in cases.items():
         if sorted(channels) != list(range(num_channels)):
-            raise SystemExit(f"case {case!r} has channel files {sorted(channels)} but the model was trained on "
-                             f"{num_channels} channel(s) 0..{num_channels - 1}; add or remove {case}_XXXX files")
+            raise SystemExit(
+                f"case {case!r} has channel files {sorted(channels)} but the model was trained on "
+                f"{num_channels} channel(s) 0..{num_channels - 1}; add or remove {case}_XXXX files"
+            )
     return {case: [channels[i] for i in range(num_channels)] for case, channels in cases.items()}
 
 
 def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: torch.device):
     config = json.loads((run_dir / "config.json").read_text())
-    plans = json.loads((run_dir / "plans.json").read_text())
-    folds = folds or sorted(p.name.removeprefix("fold_") for p in run_dir.glob("fold_*")
-                            if (p / f"checkpoint_{checkpoint}.pth").is_file())
+    plans = Plans.load(run_dir / PLANS_FILE)
+    folds = folds or sorted(
+        p.name.removeprefix("fold_") for p in run_dir.glob("fold_*") if (p / f"checkpoint_{checkpoint}.pth").is_file()
+    )
     if not folds:
         raise SystemExit(f"no fold_*/checkpoint_{checkpoint}.pth in {run_dir}; train first (train.py --out {run_dir})")
     models = []
@@ -60,8 +64,9 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
         if not path.is_file():
             raise SystemExit(f"fold {fold}: {path} not found; train it or leave it out of --folds")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        model = build_model(config["arch"], config["preset"], in_channels=config["in_channels"],
-                            num_classes=config["num_classes"])
+        model = build_model(
+            config["arch"], config["preset"], in_channels=config["in_channels"], num_classes=config["num_classes"]
+        )
         model.load_state_dict(state["model"])
         models.append(model.to(device, memory_format=torch.channels_last_3d).eval())
     return models, plans, config, folds
@@ -77,8 +82,9 @@ def predict_probabilities(models, image: torch.Tensor, patch: list[int], tta: bo
     for model in models:
         for axes in flips:
             flipped = x.flip(axes) if axes else x
-            logits = sliding_window_inference(flipped, roi_size=roi, sw_batch_size=1, predictor=model,
-                                              overlap=0.5, mode="gaussian", sigma_scale=0.125)
+            logits = sliding_window_inference(
+                flipped, roi_size=roi, sw_batch_size=1, predictor=model, overlap=0.5, mode="gaussian", sigma_scale=0.125
+            )
             probs = torch.softmax(logits.float(), 1)
             probs = probs.flip(axes) if axes else probs
             total = probs if total is None else total + probs
@@ -109,7 +115,7 @@ def main(argv=None) -> list[Path]:
         if target.exists() and not args.overwrite:
             continue
         data, _, _, properties = preprocess_case(files, None, plans, case_id=case)
-        probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans["patch_size"], args.tta)
+        probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans.patch_size, args.tta)
         probs = revert_preprocessing(probs.cpu().numpy(), properties, is_label=False)
         segmentation = probs.argmax(0).astype(np.uint8)
         affine = np.asarray(properties["original_affine"])
@@ -123,4 +129,3 @@ def main(argv=None) -> list[Path]:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -63,6 +63,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from atomic import write_json
+from loader import rotation_matrix
 from scipy import ndimage
 
 DATASET_ID = 990
@@ -152,14 +154,6 @@ def load_template() -> Template:
     )
 
 
-def _rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
-    ax, ay, az = np.deg2rad(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _smooth_field(rng: np.random.Generator, points_mm: np.ndarray, max_abs: float, n_waves: int = 4) -> np.ndarray:
     """A smooth random scalar field on ``points_mm`` (3, *shape), bounded by ``max_abs`` everywhere.
 
@@ -206,7 +200,7 @@ def synthesize_case(
     shape = np.ceil(extent_mm / spacing).astype(int)
     # Case grid: rotated, with its centre on the brain centre moved by the shift. The affine maps
     # voxels to world mm, and world mm are template mm up to the size change and the warp.
-    linear = _rotation_matrix(np.asarray(params.rotation_deg)) @ np.diag(spacing)
+    linear = rotation_matrix(np.deg2rad(params.rotation_deg)) @ np.diag(spacing)
     fov_centre = template.centre_mm + np.asarray(params.shift_mm)
     affine = np.eye(4)
     affine[:3, :3] = linear
@@ -297,7 +291,7 @@ def build_mni_dataset(
         (dataset_dir / folder).mkdir(parents=True, exist_ok=True)
 
     cases = []
-    for rng, (split, case_id) in zip(case_rngs, splits):
+    for rng, (split, case_id) in zip(case_rngs, splits, strict=True):
         params = draw_case_params(rng, case_id, split, spacing_mm)
         image, label, affine = synthesize_case(template, params, rng)
         params.shape = list(image.shape)
@@ -330,8 +324,8 @@ def build_mni_dataset(
         },
         "cases": cases,
     }
-    (dataset_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2) + "\n")
-    (dataset_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    write_json(dataset_dir / "dataset.json", dataset_json)
+    write_json(dataset_dir / PROVENANCE_FILE, provenance)
     return dataset_dir
 
 

@@ -49,9 +49,10 @@ from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 import sparsefuse as sf
-from data import (TrainLoader, default_preprocessed_dir, fold_cases, plan_and_preprocess, preprocessed_data_dir,
-                  to_network_layout)
+from loader import TrainLoader, to_network_layout
 from model import ARCHITECTURES, build_model, deep_supervision_weights, e2enet_fusion_targets, network_stride, output_list
+from planning import default_preprocessed_dir, fold_cases, plan_and_preprocess
+from preprocessing import preprocessed_data_dir
 
 # -------------------------------------------------------------------------------------------------- settings
 # Per preset: network and the run length / patch budget a preset is meant for. Flags override them.
@@ -243,18 +244,18 @@ def main(argv=None) -> dict:
                                    patch_voxel_budget=args.patch_voxel_budget,
                                    batch_voxel_budget=args.batch_voxel_budget)
     data_dir = preprocessed_data_dir(preprocessed, plans)
-    case_ids = sorted(plans["fingerprint"]["case_ids"])
+    case_ids = sorted(plans.fingerprint.case_ids)
     train_ids, val_ids = fold_cases(preprocessed, case_ids, args.fold)
-    in_channels, num_classes = len(plans["channel_names"]), plans["num_classes"]
+    in_channels, num_classes = len(plans.channel_names), plans.num_classes
     config = {
         "arch": args.arch, "preset": args.preset, "fold": str(args.fold), "density": args.density, "static": args.static,
         "epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch, "update_every": args.update_every,
         "seed": args.seed, "in_channels": in_channels, "num_classes": num_classes,
-        "preprocessing_hash": plans["preprocessing_hash"], "patch_size": plans["patch_size"],
-        "batch_size": plans["batch_size"], "dataset": str(args.data), "world_size": world_size, "amp": amp,
+        "preprocessing_hash": plans.preprocessing_hash, "patch_size": plans.patch_size,
+        "batch_size": plans.batch_size, "dataset": str(args.data), "world_size": world_size, "amp": amp,
     }
     if is_main:
-        (args.out / "plans.json").write_text(json.dumps(plans, indent=1))
+        (args.out / "plans.json").write_text(json.dumps(plans.to_json(), indent=1))
         (args.out / "config.json").write_text(
             json.dumps({k: config[k] for k in ("arch", "preset", "in_channels", "num_classes")}))
         if distributed:
@@ -324,9 +325,9 @@ def main(argv=None) -> dict:
 
     log(f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, "
           f"{'static' if args.static else 'dynamic'} density {args.density}, fold {args.fold} "
-          f"({len(train_ids)} train / {len(val_ids)} val cases), patch {plans['patch_size']} x batch "
-          f"{plans['batch_size']}, {total_iters} iterations, topology update every {args.update_every}"
-        + (f"; {world_size} processes (global batch {world_size * plans['batch_size']})" if distributed else "")
+          f"({len(train_ids)} train / {len(val_ids)} val cases), patch {plans.patch_size} x batch "
+          f"{plans.batch_size}, {total_iters} iterations, topology update every {args.update_every}"
+        + (f"; {world_size} processes (global batch {world_size * plans.batch_size})" if distributed else "")
         + ("; mixed precision (float16)" if amp else ""))
 
     # ---- train
