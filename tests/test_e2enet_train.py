@@ -2,6 +2,7 @@
 
 The MNI dataset at 6 mm is about 25-30 voxels a side, so every run here takes seconds.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,9 +31,28 @@ def dataset(tmp_path_factory):
 
 
 def run_args(dataset, out, *extra):
-    return ["--data", str(dataset), "--out", str(out), "--fold", "0", "--density", "0.2", "--preset", "cpu-demo",
-            "--epochs", str(EPOCHS), "--iters-per-epoch", str(ITERS), "--val-iters", "1", "--no-progress",
-            "--preprocessed", str(out.parent / "pre"), *extra]
+    return [
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--fold",
+        "0",
+        "--density",
+        "0.2",
+        "--preset",
+        "cpu-demo",
+        "--epochs",
+        str(EPOCHS),
+        "--iters-per-epoch",
+        str(ITERS),
+        "--val-iters",
+        "1",
+        "--no-progress",
+        "--preprocessed",
+        str(out.parent / "pre"),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +86,25 @@ def test_training_makes_real_topology_updates_at_fixed_density(finished_run):
 def test_crash_then_resume_ends_bit_identical(dataset, finished_run, tmp_path, monkeypatch, capsys):
     _, reference = finished_run
     out = tmp_path / "run"
-    real_save = train.save_atomic
+    real_save = train.save_checkpoint
 
-    def crash_after_epoch_1(obj, path):
-        real_save(obj, path)
-        if obj.get("epoch") == 1:
+    def crash_after_epoch_1(state, path):
+        real_save(state, path)
+        if state.get("epoch") == 1:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(train, "save_atomic", crash_after_epoch_1)
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train.main(run_args(dataset, out))
-    monkeypatch.setattr(train, "save_atomic", real_save)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
     capsys.readouterr()
     resumed = train.main(run_args(dataset, out, "--resume"))
     printed = capsys.readouterr().out
     assert "at epoch 2" in printed and "epoch 0:" not in printed  # it continued; it did not start over
 
-    for (name, a), b in zip(reference["model"].state_dict().items(), resumed["model"].state_dict().values()):
+    for (name, a), b in zip(
+        reference["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert reference["sparsity"].history == resumed["sparsity"].history
     assert [r["train_loss"] for r in reference["log"]] == [r["train_loss"] for r in resumed["log"]]
@@ -107,18 +129,20 @@ def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path):
 def test_predict_writes_input_geometry_and_evaluates(dataset, finished_run, tmp_path):
     out, _ = finished_run
     images = dataset / "imagesTs"
-    written = predict.main(["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"),
-                            "--no-progress", "--tta"])
+    written = predict.main(
+        ["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"), "--no-progress", "--tta"]
+    )
     assert len(written) == 1
     source = nib.load(next(images.glob("*_0000.nii.gz")))
     pred = nib.load(written[0])
     assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
     # Already predicted cases are skipped.
-    assert predict.main(["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"),
-                         "--no-progress"]) == []
-    summary = evaluate.evaluate_folders(dataset / "labelsTs", tmp_path / "pred",
-                                        dataset_json=dataset / "dataset.json")
+    assert (
+        predict.main(["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"), "--no-progress"])
+        == []
+    )
+    summary = evaluate.evaluate_folders(dataset / "labelsTs", tmp_path / "pred", dataset_json=dataset / "dataset.json")
     assert set(summary["per_class_mean"]) == {"grey_matter", "white_matter", "csf_other"}
 
 
@@ -138,8 +162,9 @@ def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tm
     result = train.main(args)
     assert result["sparsity"] is None and type(result["model"]).__name__ == "DynUNet"
     assert json.loads((out / "config.json").read_text())["arch"] == "dynunet"
-    written = predict.main(["--model", str(out), "--input", str(dataset / "imagesTs"), "--output",
-                            str(tmp_path / "pred"), "--no-progress"])
+    written = predict.main(
+        ["--model", str(out), "--input", str(dataset / "imagesTs"), "--output", str(tmp_path / "pred"), "--no-progress"]
+    )
     assert len(written) == 1
 
 
@@ -148,8 +173,9 @@ def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
         train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2
 
 
-def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_identical(dataset, finished_run,
-                                                                                        tmp_path):
+def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_identical(
+    dataset, finished_run, tmp_path
+):
     import random
     import signal
     import subprocess
@@ -204,18 +230,44 @@ def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
     for name in names:
         nib.save(nib.Nifti1Image(case(name, "imagesTr"), affine), task / "labelsTr" / f"{name}.nii.gz")
     test_label = case("blob_99", "imagesTs")
-    (task / "dataset.json").write_text(json.dumps({
-        "name": "Blobs", "modality": {"0": "CT", "1": "T2"}, "labels": {"0": "background", "1": "shell", "2": "core"},
-        "numTraining": 6, "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"}
-                                       for n in names], "test": ["./imagesTs/blob_99.nii.gz"]}))
+    (task / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "Blobs",
+                "modality": {"0": "CT", "1": "T2"},
+                "labels": {"0": "background", "1": "shell", "2": "core"},
+                "numTraining": 6,
+                "training": [{"image": f"./imagesTr/{n}.nii.gz", "label": f"./labelsTr/{n}.nii.gz"} for n in names],
+                "test": ["./imagesTs/blob_99.nii.gz"],
+            }
+        )
+    )
 
     dataset = convert_msd_dataset(task, tmp_path / "raw")
     out = tmp_path / "run"
-    train.main(["--data", str(dataset), "--out", str(out), "--fold", "0", "--density", "0.3", "--epochs", "2",
-                "--iters-per-epoch", "2", "--val-iters", "1", "--no-progress"])
+    train.main(
+        [
+            "--data",
+            str(dataset),
+            "--out",
+            str(out),
+            "--fold",
+            "0",
+            "--density",
+            "0.3",
+            "--epochs",
+            "2",
+            "--iters-per-epoch",
+            "2",
+            "--val-iters",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert json.loads((out / "plans.json").read_text())["normalization"][0]["scheme"] == "CT"
-    written = predict.main(["--model", str(out), "--input", str(dataset / "imagesTs"), "--output",
-                            str(tmp_path / "pred"), "--no-progress"])
+    written = predict.main(
+        ["--model", str(out), "--input", str(dataset / "imagesTs"), "--output", str(tmp_path / "pred"), "--no-progress"]
+    )
     source = nib.load(dataset / "imagesTs" / "blob_99_0000.nii.gz")
     assert nib.load(written[0]).shape == source.shape and np.allclose(nib.load(written[0]).affine, source.affine)
     (tmp_path / "ref").mkdir()
@@ -236,8 +288,12 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
     args[args.index("--epochs") + 1] = "2"
     args[args.index("--iters-per-epoch") + 1] = "2"
     script = str(Path(train.__file__))
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          script, *args], capture_output=True, text=True, timeout=150)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
     # Rank 0 alone prints; verify() ran (and passed) at the end of every epoch on both ranks.
     assert ddp.stdout.count("epoch 0:") == 1 and ddp.stdout.count("done:") == 1, ddp.stdout

@@ -1,0 +1,82 @@
+"""Figures and statistics of a training run: progress (losses, pseudo-Dice, learning rate) and fusion connections.
+
+Written by train.py into ``RUN_DIR/fold_F``: ``progress.png`` every epoch, ``fusion_connections.png`` (and the
+shares behind it) at the end of a sparse run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def fusion_connection_proportions(model, sparsity) -> dict[str, dict[str, float]]:
+    """Share of active kernels of each node's first fusion conv fed by the forward, up and down inputs.
+
+    The first conv of node x(i, j) reads concat[forward (c_i), up (c_i), down (c_{i-1}, levels i >= 1)].
+    """
+    proportions = {}
+    if sparsity is None:
+        return proportions
+    masks = sparsity.masks  # a copy of every mask: take it once
+    for key, node in model.fusion.items():
+        name = f"fusion.{key}.convs.0.conv.weight"
+        if name not in masks:
+            continue
+        per_input = masks[name].sum(0)  # active kernels per input channel
+        c = node.up.out_channels
+        flows = {"forward": per_input[:c].sum(), "up": per_input[c : 2 * c].sum(), "down": per_input[2 * c :].sum()}
+        total = float(per_input.sum())
+        proportions[key] = {flow: float(v) / total for flow, v in flows.items()}
+    return proportions
+
+
+def plot_progress(rows: list[dict], update_epochs: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[2, 1])
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train loss", color="tab:blue")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val loss", color="tab:red")
+    ax_loss.set_ylabel("loss")
+    ax_dice = ax_loss.twinx()
+    ax_dice.plot(epochs, [r["pseudo_dice"] for r in rows], label="pseudo Dice", color="tab:green", ls="--")
+    ax_dice.set_ylabel("pseudo Dice")
+    ax_dice.set_ylim(0, 1)
+    for e in update_epochs:
+        ax_loss.axvline(e, color="grey", alpha=0.15, lw=1)
+    handles = ax_loss.get_legend_handles_labels()[0] + ax_dice.get_legend_handles_labels()[0]
+    ax_loss.legend(handles, [h.get_label() for h in handles], loc="upper right")
+    ax_loss.set_title("E2ENet training (grey lines: epochs with a topology update)")
+    ax_lr.plot(epochs, [r["lr"] for r in rows], color="black")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("epoch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_fusion_connections(proportions: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = sorted(proportions, key=lambda k: (int(k.split("_")[1]), int(k.split("_")[0])))
+    fig, ax = plt.subplots(figsize=(max(7, 0.7 * len(nodes) + 2), 4))
+    bottom = np.zeros(len(nodes))
+    for flow, color in (("up", "tab:orange"), ("forward", "tab:blue"), ("down", "tab:green")):
+        values = np.array([proportions[n][flow] for n in nodes])
+        ax.bar(nodes, values, bottom=bottom, label=flow, color=color)
+        bottom += values
+    ax.set_xlabel("fusion node x(level, stage)")
+    ax.set_ylabel("share of active kernels")
+    ax.set_title("Active fusion kernels by input flow (first conv of each node)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
