@@ -123,9 +123,8 @@ class TrainLoader:
     ``case_ids`` and ``forced_foreground`` (which samples were centred on foreground). Cases are
     held in memory (the CPU demo datasets are a few MB each).
 
-    Measured on the MNI dataset at 2.5 mm, B = 2, 64^3, one channel, 2 AMD EPYC cores: 20-30 ms
-    per batch with augmentation and 5 ms without when the machine is quiet, about 50 ms (12 ms)
-    when other jobs leave us half a core. The model step it feeds takes seconds on a CPU, so a
+    On the MNI dataset at 2.5 mm (B = 2, 64^3, one channel) a batch takes 20-30 ms on two CPU cores
+    with augmentation and 5 ms without. The model step it feeds takes seconds on a CPU, so a
     single process is enough.
     """
 
