@@ -2,6 +2,7 @@
 
 from . import distributed, distribution, growth, masks, nn, schedules, scorers
 from .accounting import count_flops, count_params, pt_score
+from .compact import CompactLayer, LayerCompaction, compact, compaction_plan
 from .sparsity import DynamicSparsity, LayerUpdate, UpdateReport
 
 __all__ = [
@@ -11,6 +12,10 @@ __all__ = [
     "count_flops",
     "count_params",
     "pt_score",
+    "compact",
+    "compaction_plan",
+    "CompactLayer",
+    "LayerCompaction",
     "distributed",
     "distribution",
     "growth",

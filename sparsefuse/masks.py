@@ -7,6 +7,7 @@ sparsifier does (scoring, growth, masking) goes through these three methods, so 
 Weight layouts this module knows: ``Linear`` (out, in), ``ConvNd`` (out, in/groups, *k),
 ``ConvTransposeNd`` (in, out/groups, *k). "dim0, dim1" below means the first two weight dims whatever they are.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,13 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Granularity", "Element", "Kernel", "Channel", "Block", "get_granularity"]
+__all__ = ["Granularity", "Element", "Kernel", "Channel", "InputChannel", "Block", "get_granularity"]
 
 
 class Granularity(ABC):
     """Base class. Subclasses define the group shape and the two mappings between group and weight space."""
 
-    def bind(self, name: str, weight: Tensor, module: nn.Module | None) -> "Granularity":
+    def bind(self, name: str, weight: Tensor, module: nn.Module | None) -> Granularity:
         """Return the granularity to use for one weight (self, or a copy configured for it).
 
         Raise ValueError naming ``name`` if this granularity cannot cut that weight.
@@ -127,6 +128,65 @@ class Channel(Granularity):
         return f"Channel(dim={self.dim})"
 
 
+class InputChannel(Granularity):
+    """One group per input channel: a dead group is an input map the layer no longer reads at all.
+
+    The input-channel dim is 1 for Linear/Conv (in_features, in/groups) and 0 for ConvTranspose (in); ``dim``
+    overrides the choice for other layers. This is the structure :func:`sparsefuse.compact` removes outright.
+
+    Grouped convolutions (``groups`` > 1, weight (out, in/groups, *k)): weight dim 1 holds position ``j`` of each
+    group, and input channel ``c = group * (in/groups) + j`` is read only by the outputs of its own group, so
+    there is one group per input channel, ``in`` in all, each covering ``out/groups`` filters' slices.
+    ``groups`` is taken from the module by ``bind``. A grouped ConvTranspose needs nothing special: its dim 0 is
+    already the full input-channel dim.
+
+    Shapes: group mask (in,) for a weight (out, in/groups, *k), (in_features,) for (out, in_features),
+    (in,) for a ConvTranspose weight (in, out/groups, *k).
+
+    Args:
+        dim: the weight dim that indexes input channels; None picks 1, or 0 for ConvTranspose.
+        groups: the conv's ``groups``; ``bind`` sets it from the module, so pass it only to cut a bare weight shape.
+    """
+
+    def __init__(self, dim: int | None = None, groups: int = 1):
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"InputChannel(groups=...) needs a positive int, got {groups!r}")
+        self.dim, self.groups = dim, groups
+
+    def bind(self, name, weight, module):
+        _require_2d("input_channel", name, weight)
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        dim = self.dim if self.dim is not None else (0 if transposed else 1)
+        if not 0 <= dim < weight.dim():
+            raise ValueError(f"InputChannel(dim={dim}) is out of range for {name!r} with shape {tuple(weight.shape)}")
+        # Only a plain conv's dim 1 is split by groups; a transposed conv's dim 0 is the full input dim.
+        split = isinstance(module, nn.modules.conv._ConvNd) and not transposed and dim == 1
+        return InputChannel(dim, module.groups if split else 1)
+
+    def groups_shape(self, weight_shape):
+        return (weight_shape[self.dim] * self.groups,)
+
+    def expand(self, group_values, weight_shape):
+        if self.groups == 1:
+            shape = [1] * len(weight_shape)
+            shape[self.dim] = -1
+            return group_values.reshape(shape)
+        # (in,) -> (groups, in/groups) -> one row per filter of its group: (out, in/groups, 1, ...).
+        per_group = group_values.reshape(self.groups, -1)
+        rows = per_group.repeat_interleave(weight_shape[0] // self.groups, dim=0)
+        return rows.reshape(*rows.shape, *([1] * (len(weight_shape) - 2)))
+
+    def group_sum(self, values):
+        if self.groups == 1:
+            other = [d for d in range(values.dim()) if d != self.dim]
+            return values.sum(dim=other)
+        pairs = values.flatten(2).sum(2) if values.dim() > 2 else values
+        return pairs.reshape(self.groups, pairs.shape[0] // self.groups, pairs.shape[1]).sum(1).reshape(-1)
+
+    def __repr__(self):
+        return f"InputChannel(dim={self.dim}, groups={self.groups})"
+
+
 class Block(Granularity):
     """Blocks of ``rows x cols`` (dim0, dim1) pairs, each pair covering its whole spatial kernel."""
 
@@ -140,8 +200,9 @@ class Block(Granularity):
         d0, d1 = weight.shape[:2]
         if d0 % self.rows or d1 % self.cols:
             raise ValueError(
-                f"{self!r} does not tile {name!r}: its first two dims are ({d0}, {d1}), which must be multiples of "
-                f"({self.rows}, {self.cols}); choose a block shape that divides them or leave the layer out of `targets`"
+                f"{self!r} does not tile {name!r}: its first two dims are ({d0}, {d1}), which must be multiples "
+                f"of ({self.rows}, {self.cols}); choose a block shape that divides them or leave the layer out of "
+                f"`targets`"
             )
         return self
 
@@ -161,11 +222,11 @@ class Block(Granularity):
         return f"Block({self.rows}, {self.cols})"
 
 
-_BY_NAME = {"element": Element, "kernel": Kernel, "channel": Channel}
+_BY_NAME = {"element": Element, "kernel": Kernel, "channel": Channel, "input_channel": InputChannel}
 
 
 def get_granularity(spec: str | Granularity) -> Granularity:
-    """``"element" | "kernel" | "channel"`` or a Granularity instance (e.g. ``Block(4, 4)``)."""
+    """``"element" | "kernel" | "channel" | "input_channel"`` or a Granularity instance (e.g. ``Block(4, 4)``)."""
     if isinstance(spec, Granularity):
         return spec
     if isinstance(spec, str) and spec in _BY_NAME:
