@@ -40,6 +40,11 @@ from planning import Plans, as_triple, check_patch_size
 from preprocessing import load_preprocessed_case
 
 OVERSAMPLE_FOREGROUND = 0.33
+# Augmentation recipes (train.py --augment). "nnunet" is the E2ENet trainer's, made for 250,000 iterations; in a
+# run of a few thousand it slows learning more than it regularises (docs/e2enet.md, "Accuracy at CPU budgets").
+# "light" keeps the cheap intensity changes (brightness, contrast, gamma) and mirroring, no resampling or noise.
+AUGMENTATIONS = ("nnunet", "light", "none")
+ALL_AXES = (0, 1, 2)
 
 
 def to_network_layout(x: torch.Tensor) -> torch.Tensor:
@@ -61,12 +66,14 @@ def rotation_matrix(radians: Sequence[float]) -> np.ndarray:
 
 
 class Augmentation:
-    """The E2ENet trainer's augmentation (its spec section 4, nnU-Net "moreDA"), in the trainer's order.
+    """Training augmentation; ``recipe="nnunet"`` is the E2ENet trainer's (nnU-Net "moreDA"), in its order.
 
-    First a spatial transform per sample (rotation and/or scaling, applied by the loader while it resamples the
-    patch), then MONAI dictionary transforms on ``{"image", "label"}``: noise, blur, brightness, contrast, low
-    resolution, gamma (inverted and plain) and mirroring. The spatial draws come from the loader's Generator; the
-    MONAI transforms are reseeded from it once per batch (:meth:`reseed`).
+    ``nnunet``: first a spatial transform per sample (rotation and/or scaling, applied by the loader while it
+    resamples the patch), then MONAI dictionary transforms on ``{"image", "label"}``: noise, blur, brightness,
+    contrast, low resolution, gamma (inverted and plain) and mirroring. ``light``: brightness, contrast, gamma
+    and mirroring only. Mirroring flips the array axes in ``mirror_axes`` (data layout, (X, Y, Z) as nibabel
+    reads the NIfTI); leave out an axis along which left and right are different classes. The spatial draws come
+    from the loader's Generator; the MONAI transforms are reseeded from it once per batch (:meth:`reseed`).
     """
 
     rotation_deg = 30.0
@@ -74,30 +81,41 @@ class Augmentation:
     scale_range = (0.7, 1.4)
     p_scale = 0.2
 
-    def __init__(self):
+    def __init__(self, recipe: str = "nnunet", mirror_axes: Sequence[int] = ALL_AXES):
+        if recipe not in ("nnunet", "light"):
+            raise ValueError(f"unknown augmentation {recipe!r}: use 'nnunet' or 'light' (or no Augmentation)")
+        if any(a not in ALL_AXES for a in mirror_axes) or len(set(mirror_axes)) != len(mirror_axes):
+            raise ValueError(f"mirror_axes must be distinct axes among 0, 1, 2, got {list(mirror_axes)}")
+        self.recipe, self.mirror_axes = recipe, tuple(mirror_axes)
         image, both, sigma = ["image"], ["image", "label"], (0.5, 1.0)
-        self._intensity_and_mirror = Compose(
-            [
+        brightness = RandScaleIntensityd(image, factors=0.25, prob=0.15)  # x U(0.75, 1.25)
+        # contrast: (x - mean) * U(0.75, 1.25) + mean, clipped to the original range
+        contrast = RandScaleIntensityFixedMeand(image, factors=0.25, fixed_mean=True, preserve_range=True, prob=0.15)
+        gamma = RandAdjustContrastd(image, gamma=(0.7, 1.5), invert_image=False, retain_stats=True, prob=0.3)
+        mirror = [RandFlipd(both, spatial_axis=axis, prob=0.5) for axis in self.mirror_axes]
+        if recipe == "light":
+            transforms = [brightness, contrast, gamma, *mirror]
+        else:
+            transforms = [
                 # nnU-Net draws the noise variance from U(0, 0.1); MONAI draws the std from U(0, std).
                 RandGaussianNoised(image, prob=0.1, std=0.1**0.5),
                 RandGaussianSmoothd(image, sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=0.2),
-                RandScaleIntensityd(image, factors=0.25, prob=0.15),  # brightness x U(0.75, 1.25)
-                # contrast: (x - mean) * U(0.75, 1.25) + mean, clipped to the original range
-                RandScaleIntensityFixedMeand(image, factors=0.25, fixed_mean=True, preserve_range=True, prob=0.15),
+                brightness,
+                contrast,
                 RandSimulateLowResolutiond(image, zoom_range=(0.5, 1.0), prob=0.25),
                 RandAdjustContrastd(image, gamma=(0.7, 1.5), invert_image=True, retain_stats=True, prob=0.1),
-                RandAdjustContrastd(image, gamma=(0.7, 1.5), invert_image=False, retain_stats=True, prob=0.3),
-                RandFlipd(both, spatial_axis=0, prob=0.5),
-                RandFlipd(both, spatial_axis=1, prob=0.5),
-                RandFlipd(both, spatial_axis=2, prob=0.5),
+                gamma,
+                *mirror,
             ]
-        )
+        self._intensity_and_mirror = Compose(transforms)
 
     def reseed(self, seed: int) -> None:
         self._intensity_and_mirror.set_random_state(seed=seed)
 
     def spatial(self, rng: np.random.Generator) -> np.ndarray | None:
         """The linear part of this sample's rotation/scaling (3x3), or None to crop the patch unchanged."""
+        if self.recipe != "nnunet":
+            return None
         rotate = rng.random() < self.p_rotation
         scale = rng.random() < self.p_scale
         if not (rotate or scale):
@@ -138,7 +156,8 @@ class TrainLoader:
         batch_size: int | None = None,
         patch_size: Sequence[int] | None = None,
         oversample_foreground: float = OVERSAMPLE_FOREGROUND,
-        augment: bool = True,
+        augment: str = "nnunet",
+        mirror_axes: Sequence[int] = ALL_AXES,
     ):
         if not case_ids:
             raise ValueError("TrainLoader needs at least one case id")
@@ -152,7 +171,9 @@ class TrainLoader:
             check_patch_size(self.patch_size.tolist(), plans.network_stride, shapes, list(case_ids))
         # nnU-Net: sample b is forced to foreground unless b < round(B * (1 - p)).
         self.num_random = int(round(self.batch_size * (1 - oversample_foreground)))
-        self.augmentation = Augmentation() if augment else None
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+        self.augmentation = None if augment == "none" else Augmentation(augment, mirror_axes)
         self.masked_channels = [i for i, n in enumerate(plans.normalization) if n.use_nonzero_mask]
         # Background outside the non-zero mask is marked -1, as nnU-Net does, so that one
         # nearest-neighbour resampling carries both the label and the mask through rotations.

@@ -40,6 +40,7 @@ The sparsifiable set is all ``fusion.*`` conv and transposed-conv weights
 (:func:`e2enet_fusion_targets`): 20 + 15 = 35 tensors, 18,067,200 weights in the
 paper preset.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 Stride = tuple[int, int, int]
+STEMS = ("shift", "plain", "full")
 
 # Keyword arguments of E2ENet per preset. "paper" is the authors' network as
 # trained for AMOS/BTCV/BraTS (5 isotropic (2,2,2) pools, 48 -> 320 channels);
@@ -108,16 +110,25 @@ class ConvUnit(nn.Module):
         stride: Stride = (1, 1, 1),
         shift_groups: int = 3,
         shift_dim: int = 2,
+        full_kernel: bool = False,
     ) -> None:
         super().__init__()
         # Kernel 3 on the two axes not shifted, 1 on the shifted one: the shift
-        # supplies the receptive field along that axis.
-        kernel = tuple(1 if axis == shift_dim else 3 for axis in (2, 3, 4))
+        # supplies the receptive field along that axis. A full 3x3x3 kernel needs no shift.
+        kernel = tuple(1 if axis == shift_dim and not full_kernel else 3 for axis in (2, 3, 4))
+        if full_kernel:
+            shift_groups = 1
         padding = tuple(k // 2 for k in kernel)
         if shift_groups > 1:
             self.conv = sf.nn.DepthShiftConv3d(
-                in_channels, out_channels, kernel, shift_groups=shift_groups, shift_dim=shift_dim,
-                stride=stride, padding=padding, bias=True,
+                in_channels,
+                out_channels,
+                kernel,
+                shift_groups=shift_groups,
+                shift_dim=shift_dim,
+                stride=stride,
+                padding=padding,
+                bias=True,
             )
         else:
             self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True)
@@ -159,8 +170,10 @@ class FusionNode(nn.Module):
         self.down = nn.MaxPool3d(down_stride, stride=down_stride) if down_stride is not None else None
         c_in = 2 * c_here + (c_prev or 0)
         self.convs = nn.Sequential(
-            *(ConvUnit(c_in if u == 0 else c_here, c_here, shift_groups=shift_groups, shift_dim=shift_dim)
-              for u in range(units))
+            *(
+                ConvUnit(c_in if u == 0 else c_here, c_here, shift_groups=shift_groups, shift_dim=shift_dim)
+                for u in range(units)
+            )
         )
 
     def forward(self, same: torch.Tensor, below: torch.Tensor, above: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,6 +204,12 @@ class E2ENet(nn.Module):
         shift: False disables the shift whatever shift_groups says.
         deep_supervision: True builds num_pools - 1 heads and returns all of them in
             training; False builds and returns only the full-resolution head.
+        stem: the first conv, the one that reads the image. ``"shift"`` (the authors'): a
+            shift conv like every other. With few image channels that is a poor fit: a
+            1-channel image is a single shift group, so the whole image moves one slice and
+            the conv sees no depth context. ``"plain"``: the (1, 3, 3) conv without shift.
+            ``"full"``: a 3x3x3 conv, real depth context where the image enters, for
+            ``in_channels x c_0 x 27`` weights (216 for one channel at width 8).
 
     Shape:
         input (B, in_channels, D, H, W), each of D, H, W divisible by
@@ -216,6 +235,7 @@ class E2ENet(nn.Module):
         shift_dim: int = 2,
         shift: bool = True,
         deep_supervision: bool = True,
+        stem: str = "shift",
     ) -> None:
         super().__init__()
         positive_int("in_channels", in_channels)
@@ -237,6 +257,8 @@ class E2ENet(nn.Module):
         positive_int("shift_groups", shift_groups)
         if shift_dim not in (2, 3, 4):
             raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS} (the conv that reads the image), got {stem!r}")
 
         levels = num_pools + 1
         self.in_channels = in_channels
@@ -245,17 +267,20 @@ class E2ENet(nn.Module):
         self.channels: tuple[int, ...] = tuple(min(base_channels * 2**i, max_channels) for i in range(levels))
         c = self.channels
         unit = dict(shift_groups=shift_groups, shift_dim=shift_dim)
+        stem_unit = {**unit, "shift_groups": 1 if stem == "plain" else shift_groups, "full_kernel": stem == "full"}
 
         self.encoder = nn.ModuleList(
-            nn.Sequential(*(
-                ConvUnit(
-                    (in_channels if level == 0 else c[level - 1]) if u == 0 else c[level],
-                    c[level],
-                    stride=self.strides[level - 1] if (u == 0 and level > 0) else (1, 1, 1),
-                    **unit,
+            nn.Sequential(
+                *(
+                    ConvUnit(
+                        (in_channels if level == 0 else c[level - 1]) if u == 0 else c[level],
+                        c[level],
+                        stride=self.strides[level - 1] if (u == 0 and level > 0) else (1, 1, 1),
+                        **(stem_unit if level == 0 and u == 0 else unit),
+                    )
+                    for u in range(encoder_units)
                 )
-                for u in range(encoder_units)
-            ))
+            )
             for level in range(levels)
         )
         self.fusion = nn.ModuleDict()
@@ -299,14 +324,14 @@ class E2ENet(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         patch, multiple = tuple(x.shape[2:]), self.total_stride
-        if any(p % m for p, m in zip(patch, multiple)):
-            fixed = tuple(max(m, round(p / m) * m) for p, m in zip(patch, multiple))
+        if any(p % m for p, m in zip(patch, multiple, strict=True)):
+            fixed = tuple(max(m, round(p / m) * m) for p, m in zip(patch, multiple, strict=True))
             raise ValueError(
                 f"patch (D, H, W) = {patch} is not divisible by the network's total stride {multiple} "
                 f"({len(self.strides)} downsamplings with strides {list(self.strides)}); every dim must be a "
                 f"multiple of it, e.g. patch {fixed}"
             )
-        if all(p == m for p, m in zip(patch, multiple)):
+        if all(p == m for p, m in zip(patch, multiple, strict=True)):
             # InstanceNorm (statistics of each sample, also in eval) cannot normalise a
             # single voxel; torch would raise deep inside the net.
             raise ValueError(
@@ -365,18 +390,30 @@ def build_dynunet(preset: str = "paper", *, in_channels: int, num_classes: int) 
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(DYNUNET_PRESETS)}")
     filters = DYNUNET_PRESETS[preset]["filters"]
     stages = len(filters)
-    return DynUNet(3, in_channels, num_classes, kernel_size=[3] * stages, strides=[1] + [2] * (stages - 1),
-                   upsample_kernel_size=[2] * (stages - 1), filters=filters, norm_name=("INSTANCE", {"affine": True}),
-                   deep_supervision=True, deep_supr_num=max(1, stages - 3))
+    return DynUNet(
+        3,
+        in_channels,
+        num_classes,
+        kernel_size=[3] * stages,
+        strides=[1] + [2] * (stages - 1),
+        upsample_kernel_size=[2] * (stages - 1),
+        filters=filters,
+        norm_name=("INSTANCE", {"affine": True}),
+        deep_supervision=True,
+        deep_supr_num=max(1, stages - 3),
+    )
 
 
 ARCHITECTURES = ("e2enet", "dynunet")
 
 
-def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int) -> nn.Module:
-    """``"e2enet"`` (:func:`build_e2enet`) or ``"dynunet"`` (:func:`build_dynunet`) at a preset."""
+def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, **e2enet_options) -> nn.Module:
+    """``"e2enet"`` (:func:`build_e2enet`, ``e2enet_options`` overriding the preset's arguments) or
+    ``"dynunet"`` (:func:`build_dynunet`) at a preset."""
     if arch == "e2enet":
-        return build_e2enet(preset, in_channels=in_channels, num_classes=num_classes)
+        return build_e2enet(preset, in_channels=in_channels, num_classes=num_classes, **e2enet_options)
+    if e2enet_options:
+        raise ValueError(f"options {sorted(e2enet_options)} are E2ENet arguments; {arch!r} takes none")
     if arch == "dynunet":
         return build_dynunet(preset, in_channels=in_channels, num_classes=num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")

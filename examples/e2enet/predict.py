@@ -65,7 +65,11 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
             raise SystemExit(f"fold {fold}: {path} not found; train it or leave it out of --folds")
         state = torch.load(path, map_location="cpu", weights_only=False)
         model = build_model(
-            config["arch"], config["preset"], in_channels=config["in_channels"], num_classes=config["num_classes"]
+            config["arch"],
+            config["preset"],
+            in_channels=config["in_channels"],
+            num_classes=config["num_classes"],
+            **config.get("model_options", {}),
         )
         model.load_state_dict(state["model"])
         models.append(model.to(device, memory_format=torch.channels_last_3d).eval())

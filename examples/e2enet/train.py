@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import json
 import os
 import time
 import warnings
@@ -45,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from atomic import atomic_write, write_json
-from loader import TrainLoader, to_network_layout
+from loader import ALL_AXES, AUGMENTATIONS, TrainLoader, to_network_layout
 from model import (
     ARCHITECTURES,
     build_model,
@@ -67,9 +68,23 @@ import sparsefuse as sf
 # Per preset: network and the run length / patch budget a preset is meant for. Flags override them.
 PRESET_RUNS = {
     "paper": dict(
-        epochs=1000, iters_per_epoch=250, val_iters=50, patch_voxel_budget=128**3, batch_voxel_budget=2 * 128**3
+        epochs=1000,
+        iters_per_epoch=250,
+        val_iters=50,
+        patch_voxel_budget=128**3,
+        batch_voxel_budget=2 * 128**3,
+        augment="nnunet",
+        grace_updates=0,
     ),
-    "cpu-demo": dict(epochs=8, iters_per_epoch=25, val_iters=4, patch_voxel_budget=48**3, batch_voxel_budget=2 * 48**3),
+    "cpu-demo": dict(
+        epochs=8,
+        iters_per_epoch=25,
+        val_iters=4,
+        patch_voxel_budget=48**3,
+        batch_voxel_budget=2 * 48**3,
+        augment="light",
+        grace_updates=1,
+    ),
 }
 LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12.0
 DROP_FRACTION = 0.5  # the paper's death rate alpha
@@ -87,6 +102,10 @@ RESUME_KEYS = (
     "epochs",
     "iters_per_epoch",
     "update_every",
+    "grace_updates",
+    "augment",
+    "mirror_axes",
+    "model_options",
     "seed",
     "preprocessing_hash",
     "patch_size",
@@ -94,7 +113,18 @@ RESUME_KEYS = (
     "world_size",
 )
 # What predict.py needs to rebuild the network, written to RUN_DIR/config.json.
-MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes")
+MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options")
+
+
+def model_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a JSON value (``stem=full``, ``base_channels=12``, ``shift=false``)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. base_channels=12), got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare word such as stem=full
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,6 +144,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--val-iters", type=int, default=None, help="validation batches per epoch (pseudo-Dice)")
     p.add_argument("--update-every", type=int, default=None, help="iterations between topology updates")
+    p.add_argument(
+        "--grace-updates",
+        type=int,
+        default=None,
+        help="regrown kernels cannot be dropped at the next N updates (paper: 0; cpu-demo: 1)",
+    )
+    p.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=None,
+        help="training augmentation: nnunet (the authors' moreDA, the paper preset's), light (intensity and "
+        "mirroring, the cpu-demo preset's) or none",
+    )
+    p.add_argument(
+        "--mirror-axes",
+        type=int,
+        nargs="*",
+        choices=ALL_AXES,
+        default=list(ALL_AXES),
+        help="image array axes (as stored in the NIfTI) to mirror; give none (a bare --mirror-axes) where left "
+        "and right are different classes",
+    )
+    p.add_argument(
+        "--model-option",
+        type=model_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override an E2ENet constructor argument of the preset (repeatable), e.g. stem=shift base_channels=8",
+    )
     p.add_argument("--static", action="store_true", help="fixed random mask: the static-sparsity ablation")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
     p.add_argument("--seed", type=int, default=0)
@@ -131,6 +191,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--density < 1 and --static sparsify E2ENet's fusion layers; use them with --arch e2enet")
     if args.epochs < 1 or args.iters_per_epoch < 1:
         p.error("--epochs and --iters-per-epoch must be positive")
+    if args.grace_updates < 0:
+        p.error(f"--grace-updates must be >= 0, got {args.grace_updates}")
+    args.model_options = dict(args.model_option)
+    if args.model_options and args.arch != "e2enet":
+        p.error("--model-option sets E2ENet arguments; use it with --arch e2enet")
     total = args.epochs * args.iters_per_epoch
     args.update_every = args.update_every or min(PAPER_UPDATE_EVERY, max(1, total // 50))
     return args
@@ -194,6 +259,10 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "epochs": args.epochs,
         "iters_per_epoch": args.iters_per_epoch,
         "update_every": args.update_every,
+        "grace_updates": args.grace_updates,
+        "augment": args.augment,
+        "mirror_axes": list(args.mirror_axes),
+        "model_options": args.model_options,
         "seed": args.seed,
         "in_channels": len(plans.channel_names),
         "num_classes": plans.num_classes,
@@ -211,7 +280,13 @@ def build_network(args: argparse.Namespace, plans: Plans, procs: Processes) -> t
 
     DDP averages the gradients over the ranks; validation and saving use the network itself.
     """
-    model = build_model(args.arch, args.preset, in_channels=len(plans.channel_names), num_classes=plans.num_classes)
+    model = build_model(
+        args.arch,
+        args.preset,
+        in_channels=len(plans.channel_names),
+        num_classes=plans.num_classes,
+        **args.model_options,
+    )
     model = model.to(procs.device)
     model = model.to(memory_format=torch.channels_last_3d)  # (1,3,3) convs run up to 3x faster in this layout
     if not procs.distributed:
@@ -242,6 +317,7 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
         schedule=schedule,
         seed=args.seed,
         scaler=scaler,
+        grace_updates=args.grace_updates,
     )
 
 
@@ -462,8 +538,15 @@ def main(argv=None) -> dict:
     sparsity = build_sparsity(args, model, optimizer, scaler, total_iters)
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
     # Each rank draws its own batches (like a DistributedSampler's shards): global batch = world_size x batch_size.
-    train_loader = TrainLoader(data_dir, train_ids, plans, seed=args.seed + 1000 * procs.rank)
-    val_loader = TrainLoader(data_dir, val_ids, plans, seed=args.seed + 1 + 1000 * procs.rank, augment=False)
+    train_loader = TrainLoader(
+        data_dir,
+        train_ids,
+        plans,
+        seed=args.seed + 1000 * procs.rank,
+        augment=args.augment,
+        mirror_axes=args.mirror_axes,
+    )
+    val_loader = TrainLoader(data_dir, val_ids, plans, seed=args.seed + 1 + 1000 * procs.rank, augment="none")
     guard = DivergenceGuard(amp, distributed, checkpoint_path)
 
     rows, start_epoch = [], 0
@@ -491,7 +574,7 @@ def main(argv=None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        losses, updates = [], 0
+        losses, reports = [], []
         bar = tqdm(
             range(args.iters_per_epoch),
             desc=f"epoch {epoch}",
@@ -510,8 +593,9 @@ def main(argv=None) -> dict:
             scaler.step(optimizer)  # skips the step if the fp16 gradients overflowed
             scaler.update()
             guard.check_scale(scaler, epoch)
-            if sparsity is not None and sparsity.step() is not None:  # a step the scaler skipped does not count
-                updates += 1
+            report = sparsity.step() if sparsity is not None else None  # None too for a step the scaler skipped
+            if report is not None:
+                reports.append(report)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
 
@@ -520,6 +604,7 @@ def main(argv=None) -> dict:
         if distributed and sparsity is not None:
             sparsity.verify()  # raises on every rank if their masks have drifted apart
         dice = pseudo_dice(counts)
+        survivals = [r.survival for r in reports if r.survival is not None]
         row = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -528,13 +613,17 @@ def main(argv=None) -> dict:
             **{f"dice_{c + 1}": d for c, d in enumerate(dice)},
             "density": sparsity.density() if sparsity else 1.0,
             "lr": lr,
-            "topology_updates": updates,
+            "topology_updates": len(reports),
+            # Of the kernels grown at one update, the share the next update kept; and the share of all fusion
+            # kernels ever active (ITOP's exploration rate). Empty when this epoch made no update.
+            "regrown_survival": float(np.mean(survivals)) if survivals else "",
+            "exploration": reports[-1].exploration if reports else "",
             "seconds": time.perf_counter() - started,
         }
         rows.append(row)
         log(
             f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, pseudo-Dice "
-            f"{row['pseudo_dice']:.4f}, density {row['density']:.4f}, lr {lr:.5f}, {updates} updates, "
+            f"{row['pseudo_dice']:.4f}, density {row['density']:.4f}, lr {lr:.5f}, {len(reports)} updates, "
             f"{row['seconds']:.1f} s"
             + (f", masks verified on {procs.world_size} ranks" if distributed and sparsity is not None else "")
         )
