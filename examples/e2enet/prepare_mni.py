@@ -1,7 +1,7 @@
 """Build the embedded default dataset: brain tissue segmentation from nilearn's MNI152 template.
 
-``python examples/e2enet/prepare_mni.py --out DIR [--cases 8] [--test-cases 2] [--seed 0] [--spacing 2.5]``
-writes ``DIR/Dataset990_MNITissue`` in the nnU-Net v2 raw layout::
+``python examples/e2enet/prepare_mni.py --out DIR [--task tissue|regions] [--cases 8] [--test-cases 2] [--seed 0]
+[--spacing 2.5]`` writes ``DIR/Dataset990_MNITissue`` (or ``Dataset991_MNIRegions``) in the nnU-Net v2 raw layout::
 
     dataset.json              channel_names {"0": "T1"}, labels name -> int, numTraining, file_ending
     imagesTr/mni_train_000_0000.nii.gz ...   labelsTr/mni_train_000.nii.gz ...
@@ -15,6 +15,17 @@ Labels
     0 background (outside the brain), 1 grey matter, 2 white matter, 3 CSF/other inside the brain.
     The brain is the template above 0.2 (the threshold of nilearn's ``load_mni152_brain_mask``);
     inside it each voxel takes the argmax of (1 - p_gm - p_wm, p_gm, p_wm) after warping.
+
+The harder task (``--task regions``, Dataset991_MNIRegions)
+    The same tissue split into 7 foreground classes: grey matter left-front, left-back, right-front,
+    right-back (the cut between front and back is the coronal plane through the brain's centre, MNI
+    y about -18 mm); white matter left and right (the midline plane x = 0); CSF/other. Four of the
+    classes hold 4-5 % of the volume each. Two cuts are positional, not visible in the image: the
+    hemispheres of the symmetric template are mirror images, so only context (where the patch sits
+    relative to the brain's edge) tells left from right, and mirroring the x axis during training
+    swaps the two sides' labels (``train.py --mirror-axes 1 2``). The front/back plane crosses
+    uniform grey matter, like a lobe boundary drawn by an atlas rather than by contrast. It is a
+    test of context and of small classes, not an anatomical parcellation.
 
 Cases
     Every case is the same template seen through a different random "acquisition": a rotation
@@ -71,6 +82,36 @@ DATASET_ID = 990
 DATASET_NAME = "MNITissue"
 FILE_ENDING = ".nii.gz"
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2, "csf_other": 3}
+# The harder task: the same tissue split by hemisphere (MNI x, + is right) and, for grey matter, into a front and a
+# back half at the brain's centre (MNI y). Seven foreground classes, four of them small, and two of the cuts are
+# positional rather than visible in the image: left and right look alike, and the front/back plane crosses
+# uniform tissue, so a network must use context, and mirroring along x would swap the hemispheres.
+REGION_LABELS = {
+    "background": 0,
+    "grey_matter_left_front": 1,
+    "grey_matter_left_back": 2,
+    "grey_matter_right_front": 3,
+    "grey_matter_right_back": 4,
+    "white_matter_left": 5,
+    "white_matter_right": 6,
+    "csf_other": 7,
+}
+TASKS = {  # task -> (dataset id, dataset name, labels, description)
+    "tissue": (
+        DATASET_ID,
+        DATASET_NAME,
+        LABELS,
+        "Brain tissue (GM/WM/CSF-other) on synthetic variations of the MNI152 2009a template; the top 20% of the "
+        "brain is held out of training. Not a clinical benchmark.",
+    ),
+    "regions": (
+        991,
+        "MNIRegions",
+        REGION_LABELS,
+        "Brain tissue by hemisphere, grey matter also by front/back half (7 classes), on synthetic variations of "
+        "the MNI152 2009a template; the top 20% of the brain is held out of training. Not a clinical benchmark.",
+    ),
+}
 PROVENANCE_FILE = "mni_provenance.json"
 
 BRAIN_THRESHOLD = 0.2  # nilearn's load_mni152_brain_mask threshold on the [0, 1] template
@@ -187,8 +228,22 @@ def draw_case_params(rng: np.random.Generator, case_id: str, split: str, spacing
     )
 
 
+def region_labels(tissue_label: np.ndarray, template_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
+    """Tissue labels (LABELS) -> REGION_LABELS, from each voxel's template position (3, *shape) in MNI mm."""
+    right = template_mm[0] > 0  # the template's midline is x = 0
+    front = template_mm[1] > centre_mm[1]
+    out = np.zeros_like(tissue_label)
+    gm, wm = tissue_label == LABELS["grey_matter"], tissue_label == LABELS["white_matter"]
+    for side, side_mask in (("left", ~right), ("right", right)):
+        out[gm & side_mask & front] = REGION_LABELS[f"grey_matter_{side}_front"]
+        out[gm & side_mask & ~front] = REGION_LABELS[f"grey_matter_{side}_back"]
+        out[wm & side_mask] = REGION_LABELS[f"white_matter_{side}"]
+    out[tissue_label == LABELS["csf_other"]] = REGION_LABELS["csf_other"]
+    return out
+
+
 def synthesize_case(
-    template: Template, params: CaseParams, rng: np.random.Generator
+    template: Template, params: CaseParams, rng: np.random.Generator, task: str = "tissue"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one case: returns (image float32, label uint8, affine voxel -> world mm).
 
@@ -229,6 +284,8 @@ def synthesize_case(
     tissue = np.argmax(np.stack([1.0 - gm - wm, gm, wm]), axis=0)
     tissue_to_label = np.array([LABELS["csf_other"], LABELS["grey_matter"], LABELS["white_matter"]], np.uint8)
     label[brain] = tissue_to_label[tissue[brain]]
+    if task == "regions":
+        label = region_labels(label, template_mm, template.centre_mm)
 
     bias = np.exp(_smooth_field(rng, world, MAX_LOG_BIAS))
     signal = params.intensity_scale * bias * np.clip(t1, 0, 1) ** params.gamma
@@ -259,8 +316,9 @@ def build_mni_dataset(
     num_test: int = 2,
     seed: int = 0,
     spacing_mm: float = 2.5,
-    dataset_id: int = DATASET_ID,
+    dataset_id: int | None = None,
     overwrite: bool = False,
+    task: str = "tissue",
 ) -> Path:
     """Write the MNI tissue dataset under ``out_root`` and return the dataset folder.
 
@@ -272,7 +330,11 @@ def build_mni_dataset(
         raise ValueError(f"need at least 1 training case and >= 0 test cases, got {num_train} and {num_test}")
     if not 0.5 <= spacing_mm <= 8.0:
         raise ValueError(f"--spacing {spacing_mm} mm is outside 0.5-8 mm; use e.g. 2.5 (about 70x84x74 voxels)")
-    dataset_dir = Path(out_root) / f"Dataset{dataset_id:03d}_{DATASET_NAME}"
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    default_id, dataset_name, labels, description = TASKS[task]
+    dataset_id = default_id if dataset_id is None else dataset_id
+    dataset_dir = Path(out_root) / f"Dataset{dataset_id:03d}_{dataset_name}"
     if dataset_dir.exists() and any(dataset_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{dataset_dir} exists; pass --overwrite to rebuild it or choose another --out")
@@ -293,7 +355,7 @@ def build_mni_dataset(
     cases = []
     for rng, (split, case_id) in zip(case_rngs, splits, strict=True):
         params = draw_case_params(rng, case_id, split, spacing_mm)
-        image, label, affine = synthesize_case(template, params, rng)
+        image, label, affine = synthesize_case(template, params, rng, task)
         params.shape = list(image.shape)
         image_dir, label_dir = folders[split]
         _save_nifti(image, affine, dataset_dir / image_dir / f"{case_id}_0000{FILE_ENDING}")
@@ -301,13 +363,12 @@ def build_mni_dataset(
         cases.append(asdict(params))
 
     dataset_json = {
-        "name": DATASET_NAME,
-        "description": "Brain tissue (GM/WM/CSF-other) on synthetic variations of the MNI152 2009a template; "
-        "the top 20% of the brain is held out of training. Not a clinical benchmark.",
+        "name": dataset_name,
+        "description": description,
         "reference": "Fonov et al., NeuroImage 2011; template shipped with nilearn",
         "licence": "ICBM 2009a MNI BIC permissive notice (Copyright 1993-2009 Louis Collins, MNI, McGill University)",
         "channel_names": {"0": "T1"},
-        "labels": LABELS,
+        "labels": labels,
         "numTraining": num_train,
         "numTest": num_test,
         "file_ending": FILE_ENDING,
@@ -340,14 +401,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spacing", type=float, default=2.5, help="nominal voxel size in mm, sets the image size (2.5: ~70x84x74)"
     )
-    parser.add_argument("--dataset-id", type=int, default=DATASET_ID)
+    parser.add_argument(
+        "--task",
+        choices=sorted(TASKS),
+        default="tissue",
+        help="tissue: 3 classes (Dataset990_MNITissue); regions: 7 classes by hemisphere and front/back "
+        "(Dataset991_MNIRegions)",
+    )
+    parser.add_argument("--dataset-id", type=int, default=None, help="default: 990 (tissue) or 991 (regions)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset folder this script wrote before")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     try:
         dataset_dir = build_mni_dataset(
-            args.out, args.cases, args.test_cases, args.seed, args.spacing, args.dataset_id, args.overwrite
+            args.out, args.cases, args.test_cases, args.seed, args.spacing, args.dataset_id, args.overwrite, args.task
         )
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
