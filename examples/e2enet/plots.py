@@ -80,3 +80,34 @@ def plot_fusion_connections(proportions: dict[str, dict[str, float]], path: Path
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_learning_curves(rows: list[dict], path: Path) -> None:
+    """compare.py's figure: mean (and the band of one std) over seeds of the training loss and the validation
+    pseudo-Dice per epoch, one line per setting. ``rows[i]["runs"][k]["log"]`` are train.py's log rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        logs = [run["log"] for run in row["runs"]]
+        epochs = min(len(log) for log in logs)
+        per_epoch = row["iterations"] / len(logs[0])
+        x = (np.arange(epochs) + 1) * per_epoch
+        for ax, key in ((ax_loss, "train_loss"), (ax_dice, "pseudo_dice")):
+            values = np.array([[log[e][key] for e in range(epochs)] for log in logs])
+            mean, std = values.mean(0), values.std(0)
+            (line,) = ax.plot(x, mean, label=row["name"])
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax_loss.set_ylabel("training loss (Dice + CE)")
+    ax_dice.set_ylabel("validation pseudo-Dice (mean over classes)")
+    for ax in (ax_loss, ax_dice):
+        ax.set_xlabel("iteration")
+    seeds = len(rows[0]["runs"])
+    ax_dice.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Learning curves, mean over {seeds} seed(s), band: one std")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
