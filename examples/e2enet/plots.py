@@ -52,9 +52,31 @@ def plot_progress(rows: list[dict], update_epochs: list[int], path: Path) -> Non
     handles = ax_loss.get_legend_handles_labels()[0] + ax_dice.get_legend_handles_labels()[0]
     ax_loss.legend(handles, [h.get_label() for h in handles], loc="upper right")
     ax_loss.set_title("E2ENet training (grey lines: epochs with a topology update)")
-    ax_lr.plot(epochs, [r["lr"] for r in rows], color="black")
+    ax_lr.plot(epochs, [r["lr"] for r in rows], color="black", label="learning rate")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("epoch")
+    updated = [r for r in rows if r.get("exploration", "") != ""]
+    if updated:  # a dynamic sparse run: how the topology explores, and whether regrown kernels live
+        ax_topology = ax_lr.twinx()
+        ax_topology.plot(
+            [r["epoch"] for r in updated],
+            [r["exploration"] for r in updated],
+            color="tab:purple",
+            label="kernels ever active",
+        )
+        survived = [r for r in updated if r.get("regrown_survival", "") != ""]
+        ax_topology.plot(
+            [r["epoch"] for r in survived],
+            [r["regrown_survival"] for r in survived],
+            color="tab:orange",
+            ls=":",
+            marker=".",
+            label="regrown kept at next update",
+        )
+        ax_topology.set_ylim(0, 1.05)
+        ax_topology.set_ylabel("share")
+        handles = ax_lr.get_legend_handles_labels()[0] + ax_topology.get_legend_handles_labels()[0]
+        ax_lr.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
