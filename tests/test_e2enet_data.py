@@ -27,7 +27,8 @@ import planning  # noqa: E402
 import prepare_mni  # noqa: E402
 import preprocessing  # noqa: E402
 from atomic import atomic_write, write_json  # noqa: E402
-from dataset import convert_msd_dataset, read_dataset_json, verify_dataset  # noqa: E402
+from dataset import convert_msd_dataset, read_dataset_json  # noqa: E402
+from verify import verify_dataset  # noqa: E402
 
 NUM_TRAIN, NUM_TEST = 5, 2
 
@@ -532,7 +533,8 @@ def test_verify_lists_every_problem_at_once(tiny_dataset):
 
 def test_ct_plan_without_any_foreground_is_refused(tmp_path):
     empty = np.zeros((8, 8, 8), np.uint8)
-    cases = {f"ct_{i}": ([np.full(empty.shape, -1000.0)], empty) for i in range(2)}
+    air = np.random.default_rng(0).normal(-1000.0, 5.0, (2, *empty.shape))  # not blank: verify would refuse that
+    cases = {f"ct_{i}": ([air[i]], empty) for i in range(2)}
     dataset = make_dataset(tmp_path, {"0": "CT"}, {"background": 0, "organ": 1}, cases)
     with pytest.raises(ValueError, match=r"channel 0 \(CT\) uses CT normalisation.*no training case has a foreground"):
         planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)

@@ -7,9 +7,10 @@
     python examples/e2enet/data.py sample --preprocessed PREPROCESSED_DIR [--fold 0] [--batches 20]
 
 The steps live in their own modules, along nnU-Net v2's seams: ``dataset.py`` (raw layout, dataset.json,
-verification, MSD conversion), ``planning.py`` (fingerprint, plans, splits, and ``plan_and_preprocess``, the
-whole pipeline), ``preprocessing.py`` (crop, normalise, resample, the cache) and ``loader.py`` (patches,
-augmentation, ``TrainLoader``).
+reading NIfTI files, MSD conversion), ``verify.py`` (every problem of a dataset at once), ``planning.py``
+(fingerprint, plans, splits, and ``plan_and_preprocess``, the whole pipeline), ``preprocessing.py`` (crop,
+normalise, resample, the cache) and ``loader.py`` (patches, augmentation, ``TrainLoader``). A problem with the
+data is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from dataset import convert_msd_dataset, verify_dataset
+from dataset import convert_msd_dataset
 from loader import TrainLoader
 from planning import (
     DEFAULT_BATCH_VOXEL_BUDGET,
@@ -33,6 +34,8 @@ from planning import (
     plan_and_preprocess,
 )
 from preprocessing import PreprocessReport, preprocessed_data_dir
+from problems import Problem, report_problem
+from verify import verify_dataset
 
 
 def _print_plan(plans: Plans, preprocessed_dir: Path, report: PreprocessReport | None) -> None:
@@ -129,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_plan(plans, out, report)
         else:
             _sample_command(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except Problem as problem:
+        return report_problem(problem)
     return 0
 
 

@@ -8,23 +8,27 @@ The layout::
     DatasetXXX_Name/labelsTr/{case}.nii.gz           integer labels, same geometry as the images
     DatasetXXX_Name/imagesTs/ (optional)             [labelsTs/ optional, e.g. the MNI test labels]
 
-:func:`verify_dataset` collects every problem (missing or extra files, numTraining, shapes, affines, undeclared
-labels, NaN/inf voxels) and raises one ValueError listing them. A Medical Segmentation Decathlon task (4D
-images, v1 dataset.json) is converted with :func:`convert_msd_dataset` (``data.py convert-msd``).
+Every NIfTI file is read through :func:`read_nifti`, whole: a gzip CRC mismatch, a truncated file or a broken
+header is a :class:`~problems.Problem` naming the file, never a decoded volume of other voxels or a bare EOFError.
+``verify.py`` checks a whole dataset. A Medical Segmentation Decathlon task (4D images, v1 dataset.json) is
+converted with :func:`convert_msd_dataset` (``data.py convert-msd``).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from atomic import write_json
+from atomic import atomic_write, write_json
+from problems import Problem
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 SUPPORTED_ENDINGS = (".nii.gz", ".nii")
@@ -33,6 +37,7 @@ CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii(?:\
 # Two files are on the same grid when their affines agree this closely: header round-off (a float32 round trip)
 # passes, a wrong origin or voxel size (>= 1e-3 mm) does not.
 AFFINE_RTOL, AFFINE_ATOL = 1e-4, 1e-3
+NIFTI2_HEADER_SIZES = (b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c")  # sizeof_hdr = 540, either byte order
 
 
 def same_affine(a: np.ndarray, b: np.ndarray) -> bool:
@@ -53,36 +58,51 @@ def problem_list(problems: Sequence[str]) -> str:
 
 
 def read_dataset_json(dataset_dir: Path | str) -> dict:
-    """Read and sanity-check ``dataset.json`` (v2 keys); raise ValueError naming what to fix."""
+    """Read and sanity-check ``dataset.json`` (v2 keys and their types); raise a Problem naming what to fix."""
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / "dataset.json"
     if not path.is_file():
-        raise ValueError(f"{path} not found: a dataset folder needs dataset.json (nnU-Net v2 layout)")
+        raise Problem(f"{path} not found: a dataset folder needs dataset.json (nnU-Net v2 layout)")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); fix the file") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Problem(f"{path} is not valid JSON ({error}); fix the file") from error
+    if not isinstance(meta, dict):
+        raise Problem(f"{path} holds a {type(meta).__name__}, not an object with {list(REQUIRED_KEYS)}")
     if "modality" in meta and "channel_names" not in meta:
-        raise ValueError(
+        raise Problem(
             f"{path} is a Medical Segmentation Decathlon / nnU-Net v1 file ('modality', labels int -> name); "
             f"convert it first: python examples/e2enet/data.py convert-msd --task {dataset_dir} --out RAW_ROOT"
         )
     missing = [key for key in REQUIRED_KEYS if key not in meta]
     if missing:
-        raise ValueError(f"{path} lacks {missing}; nnU-Net v2 needs {list(REQUIRED_KEYS)}")
+        raise Problem(f"{path} lacks {missing}; nnU-Net v2 needs {list(REQUIRED_KEYS)}")
     if meta["file_ending"] not in SUPPORTED_ENDINGS:
-        raise ValueError(
+        raise Problem(
             f"{path}: file_ending {meta['file_ending']!r} is not supported; convert the images to NIfTI (.nii.gz)"
         )
+    channels = meta["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        raise Problem(f'{path}: channel_names must map channel indices to names, e.g. {{"0": "T1"}}, got {channels!r}')
+    expected = [str(i) for i in range(len(channels))]
+    if sorted(channels, key=lambda k: (len(k), k)) != expected:
+        raise Problem(
+            f'{path}: channel_names keys must be "0".."{len(channels) - 1}" (the XXXX of the _XXXX file suffix, '
+            f"from 0 without gaps), got {sorted(channels)}; renumber them and the image files"
+        )
     labels = meta["labels"]
-    if any(not isinstance(value, int) for value in labels.values()):
-        raise ValueError(
+    if not isinstance(labels, dict) or any(type(value) is not int for value in labels.values()):
+        raise Problem(
             f"{path}: labels must map names to single ints (region-based labels are not supported), got {labels}"
         )
     if sorted(labels.values()) != list(range(len(labels))):
-        raise ValueError(
+        raise Problem(
             f"{path}: label values must be consecutive ints from 0 (background), got {sorted(labels.values())}"
         )
+    count = meta["numTraining"]
+    if type(count) is not int or count < 0:
+        kind = " (a string)" if isinstance(count, str) else ""
+        raise Problem(f"{path}: numTraining must be a whole number, got {count!r}{kind}; write it without quotes")
     return meta
 
 
@@ -141,14 +161,61 @@ def find_cases(dataset_dir: Path | str, meta: dict, subset: str = "Tr") -> tuple
     return cases, problems
 
 
+def read_nifti(path: Path | str) -> nib.Nifti1Image:
+    """The NIfTI image in ``path``, read whole and checked: a damaged or truncated file raises a Problem naming it.
+
+    nibabel alone decompresses a .nii.gz only as far as the voxels reach and never checks its CRC, so a flipped
+    byte would decode into other voxels and a truncated file surface as a bare EOFError wherever it is first read.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise Problem(f"cannot read {path} ({error.strerror}); check that it exists and is readable") from error
+    try:
+        if path.name.endswith(".gz"):
+            raw = gzip.decompress(raw)  # checks the CRC and the length stored at the end of the stream
+    except EOFError as error:
+        raise Problem(
+            f"{path} is truncated (its compressed stream ends early); replace it with a complete copy"
+        ) from error
+    except (gzip.BadGzipFile, zlib.error) as error:
+        raise Problem(f"{path} is damaged ({error}); replace it with an intact copy") from error
+    image_class = nib.Nifti2Image if raw[:4] in NIFTI2_HEADER_SIZES else nib.Nifti1Image
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():  # nibabel would log its own guesses before raising
+            image = image_class.from_bytes(raw)
+    except Exception as error:  # any parse failure of untrusted bytes means the header is broken, not a bug here
+        raise Problem(
+            f"{path} is not a readable NIfTI file ({type(error).__name__}: {error}); replace it with an intact copy"
+        ) from error
+    proxy = image.dataobj
+    if proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize > len(raw):
+        raise Problem(f"{path} is truncated (its voxels end early); replace it with a complete copy")
+    return image
+
+
+def save_nifti(image: nib.Nifti1Image, path: Path | str) -> None:
+    """Write ``image`` atomically (gzip-compressed for .nii.gz): a killed writer leaves no half-written file."""
+    path = Path(path)
+    raw = image.to_bytes()
+    with atomic_write(path) as f:
+        f.write(gzip.compress(raw, compresslevel=1, mtime=0) if path.name.endswith(".gz") else raw)
+
+
 def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Load one 3D NIfTI as (float32 array, affine); a trailing singleton 4th axis is dropped."""
-    img = nib.load(path)
+    img = read_nifti(path)
     shape = img.shape[:3] if len(img.shape) == 4 and img.shape[3] == 1 else img.shape
-    if len(shape) != 3:
-        raise ValueError(
-            f"{path.name} has shape {img.shape}; expected one 3D volume per file. "
+    if len(shape) == 4:
+        raise Problem(
+            f"{path} has shape {img.shape}; expected one 3D volume per file. "
             "A 4D multi-channel file (MSD) must be split: python examples/e2enet/data.py convert-msd"
+        )
+    if len(shape) != 3:
+        raise Problem(
+            f"{path} is {len(shape)}D (shape {img.shape}); this pipeline segments 3D volumes: save each channel of a "
+            "case as one 3D NIfTI file (a single slice as shape (X, Y, 1))"
         )
     return img.get_fdata(dtype=np.float32).reshape(shape), img.affine
 
@@ -159,106 +226,23 @@ def load_raw_case(case: RawCase) -> tuple[np.ndarray, np.ndarray | None, np.ndar
     data = np.stack([v for v, _ in volumes])
     for path, volume in zip(case.images, data, strict=True):
         if not np.isfinite(volume).all():
-            raise ValueError(
+            raise Problem(
                 f"{case.case_id}: {path.name} has NaN/inf voxels; fix the image (run verify to list every problem)"
             )
     label = None
     if case.label is not None:
         label = load_volume(case.label)[0]
         if label.shape != data.shape[1:]:
-            raise ValueError(f"{case.case_id}: label shape {label.shape} != image shape {data.shape[1:]} (run verify)")
+            raise Problem(f"{case.case_id}: label shape {label.shape} != image shape {data.shape[1:]} (run verify)")
         label = np.round(label).astype(np.int16)
     return data, label, volumes[0][1]
-
-
-def _check_case(case: RawCase, declared_labels: set[int]) -> list[str]:
-    """Geometry, NaN and label-value problems of one case (layout problems are found earlier)."""
-    problems = []
-    reference_shape = reference_affine = None
-    readable = (ValueError, OSError, nib.filebasedimages.ImageFileError)
-    for path in case.images:
-        try:
-            image, affine = load_volume(path)
-        except readable as error:
-            problems.append(f"{case.case_id}: cannot read {path.name} ({error})")
-            continue
-        if not np.isfinite(image).all():
-            problems.append(
-                f"{case.case_id}: {path.name} has {int((~np.isfinite(image)).sum())} NaN/inf voxel(s); "
-                "fix or replace the image (e.g. set them to 0)"
-            )
-        if reference_shape is None:
-            reference_shape, reference_affine = image.shape, affine
-        elif image.shape != reference_shape or not same_affine(affine, reference_affine):
-            problems.append(
-                f"{case.case_id}: {path.name} (shape {image.shape}) is not on the grid of {case.images[0].name} "
-                f"(shape {reference_shape}); all channels of a case must share shape and affine "
-                "(resample them onto the first channel)"
-            )
-    if case.label is None:
-        return problems
-    try:
-        label, affine = load_volume(case.label)
-    except readable as error:
-        return problems + [f"{case.case_id}: cannot read label {case.label.name} ({error})"]
-    if reference_shape is not None:
-        if label.shape != reference_shape:
-            problems.append(
-                f"{case.case_id}: label shape {label.shape} != image shape {reference_shape}; "
-                "the label must be on the image grid"
-            )
-        elif not same_affine(affine, reference_affine):
-            problems.append(
-                f"{case.case_id}: label affine differs from the image affine (max difference "
-                f"{np.abs(affine - reference_affine).max():.4g}); resample the label onto the image grid "
-                "or fix its header"
-            )
-    if not np.isfinite(label).all() or not np.array_equal(label, np.round(label)):
-        problems.append(
-            f"{case.case_id}: label {case.label.name} has non-integer or NaN values; labels must be integers"
-        )
-    else:
-        undeclared = sorted(set(np.unique(label).astype(int).tolist()) - declared_labels)
-        if undeclared:
-            problems.append(
-                f"{case.case_id}: label values {undeclared} are not declared in dataset.json labels "
-                f"{sorted(declared_labels)}; fix the label file or declare the classes"
-            )
-    return problems
-
-
-def verify_dataset(dataset_dir: Path | str) -> list[RawCase]:
-    """Check a raw dataset; return its training cases or raise one ValueError listing every problem.
-
-    Checks: dataset.json keys and labels; every case has all channels and a label; no stray
-    files; numTraining matches; channels and label share shape and affine; images are finite;
-    label values are declared. ``imagesTs`` (and ``labelsTs`` if present) get the same checks.
-    """
-    dataset_dir = Path(dataset_dir)
-    meta = read_dataset_json(dataset_dir)
-    declared = set(meta["labels"].values())
-    train_cases, problems = find_cases(dataset_dir, meta, "Tr")
-    if len(train_cases) != meta["numTraining"]:
-        problems.append(
-            f"dataset.json numTraining is {meta['numTraining']} but imagesTr holds {len(train_cases)} case(s); "
-            "fix numTraining or add the missing cases"
-        )
-    test_cases: list[RawCase] = []
-    if (dataset_dir / "imagesTs").is_dir():
-        test_cases, test_problems = find_cases(dataset_dir, meta, "Ts")
-        problems += test_problems
-    for case in train_cases + test_cases:
-        problems += _check_case(case, declared)
-    if problems:
-        raise ValueError(f"dataset {dataset_dir} has {len(problems)} problem(s):\n{problem_list(problems)}")
-    return train_cases
 
 
 def find_valid_cases(dataset_dir: Path, meta: dict) -> list[RawCase]:
     """Training cases, stopping on layout problems (for callers that skipped verify_dataset)."""
     cases, problems = find_cases(dataset_dir, meta, "Tr")
     if problems:
-        raise ValueError(f"dataset layout problems (run verify for the full list):\n{problem_list(problems)}")
+        raise Problem(f"dataset layout problems (run verify for the full list):\n{problem_list(problems)}")
     return cases
 
 
@@ -272,44 +256,57 @@ def convert_msd_dataset(task_dir: Path | str, output_root: Path | str, dataset_i
     task_dir = Path(task_dir)
     meta_path = task_dir / "dataset.json"
     if not meta_path.is_file():
-        raise ValueError(f"{meta_path} not found; pass the MSD task folder (e.g. Task04_Hippocampus)")
-    meta = json.loads(meta_path.read_text())
+        raise Problem(f"{meta_path} not found; pass the MSD task folder (e.g. Task04_Hippocampus)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Problem(f"{meta_path} is not valid JSON ({error}); fix the file") from error
     if "modality" not in meta or "training" not in meta:
-        raise ValueError(f"{meta_path} has no 'modality'/'training': not an MSD (v1) dataset.json")
+        raise Problem(f"{meta_path} has no 'modality'/'training': not an MSD (v1) dataset.json")
     match = re.match(r"^Task(\d+)_(.+)$", task_dir.name)
     if dataset_id is None and match is None:
-        raise ValueError(f"cannot infer a dataset id from {task_dir.name!r} (expected TaskNN_Name); pass dataset_id")
+        raise Problem(f"cannot infer a dataset id from {task_dir.name!r} (expected TaskNN_Name); pass dataset_id")
     dataset_id = int(match[1]) if dataset_id is None else dataset_id
     name = match[2] if match else task_dir.name
     out_dir = Path(output_root) / f"Dataset{dataset_id:03d}_{name}"
     if out_dir.exists():
-        raise ValueError(f"{out_dir} already exists; remove it or choose another dataset id")
+        raise Problem(f"{out_dir} already exists; remove it or choose another dataset id")
     num_channels = len(meta["modality"])
+    if any(not isinstance(entry, dict) or not {"image", "label"} <= set(entry) for entry in meta["training"]):
+        raise Problem(f"{meta_path}: every 'training' entry needs an 'image' and a 'label' path")
+    training = [(task_dir / entry["image"], task_dir / entry["label"]) for entry in meta["training"]]
+    tests = [task_dir / (entry if isinstance(entry, str) else entry["image"]) for entry in meta.get("test") or []]
+    # Checked before anything is written, so that every missing file is named at once.
+    missing = [str(path) for path in [*(p for pair in training for p in pair), *tests] if not path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise Problem(
+            f"{meta_path} lists {len(missing)} file(s) that do not exist ({shown}); restore them or fix the entries"
+        )
 
     def split_channels(source: Path, target_dir: Path) -> None:
-        img = nib.load(source)
+        img = read_nifti(source)
         case_id = source.name[: -len(".nii.gz")] if source.name.endswith(".nii.gz") else source.stem
         volumes = img.shape[3] if img.ndim == 4 else 1
         if volumes != num_channels:
-            raise ValueError(
+            raise Problem(
                 f"{case_id}: {source.name} has {volumes} volume(s) but dataset.json declares {num_channels} modalities"
             )
         for channel in range(num_channels):
             data = np.asarray(img.dataobj[..., channel] if img.ndim == 4 else img.dataobj)
-            nib.save(nib.Nifti1Image(data, img.affine, img.header), target_dir / f"{case_id}_{channel:04d}.nii.gz")
+            save_nifti(nib.Nifti1Image(data, img.affine, img.header), target_dir / f"{case_id}_{channel:04d}.nii.gz")
 
     (out_dir / "labelsTr").mkdir(parents=True)
     (out_dir / "imagesTr").mkdir()
     try:
-        for entry in meta["training"]:
-            split_channels(task_dir / entry["image"], out_dir / "imagesTr")
-            shutil.copy(task_dir / entry["label"], out_dir / "labelsTr" / Path(entry["label"]).name)
-        if meta.get("test"):
+        for image, label in training:
+            split_channels(image, out_dir / "imagesTr")
+            shutil.copy(label, out_dir / "labelsTr" / label.name)
+        if tests:
             (out_dir / "imagesTs").mkdir()
-            for entry in meta["test"]:
-                image = entry if isinstance(entry, str) else entry["image"]
-                split_channels(task_dir / image, out_dir / "imagesTs")
-    except Exception:
+            for image in tests:
+                split_channels(image, out_dir / "imagesTs")
+    except BaseException:
         shutil.rmtree(out_dir)  # a half-converted folder would later fail verification confusingly
         raise
     new_meta = {key: meta[key] for key in ("name", "description", "reference", "licence", "release") if key in meta}

@@ -31,7 +31,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from atomic import write_json
-from dataset import RawCase, find_valid_cases, load_raw_case, read_dataset_json, verify_dataset
+from dataset import RawCase, find_valid_cases, load_raw_case, read_dataset_json
 from preprocessing import (
     PREPROCESSING_VERSION,
     CTNormalization,
@@ -42,6 +42,8 @@ from preprocessing import (
     normalization_from_json,
     preprocess_dataset,
 )
+from problems import Problem
+from verify import verify_dataset
 
 PLANS_FILE = "plans.json"
 SPLITS_FILE = "splits_final.json"
@@ -178,14 +180,14 @@ class Plans:
     def load(cls, path: Path | str) -> Plans:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(
+            raise Problem(
                 f"{path} not found: plans are written by `python examples/e2enet/data.py plan --data DATASET_DIR "
                 "--out PREPROCESSED_DIR` (and copied into a run folder by train.py); run that first"
             )
         try:
             return cls.from_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise Problem(
                 f"{path} is not a plans file of this example ({type(error).__name__}: {error}); plan again"
             ) from error
 
@@ -193,7 +195,7 @@ class Plans:
 def as_triple(value: int | Sequence[int], name: str) -> list[int]:
     triple = [int(value)] * 3 if np.isscalar(value) else [int(v) for v in value]
     if len(triple) != 3 or min(triple) < 1:
-        raise ValueError(f"{name} must be a positive int or three positive ints, got {value}")
+        raise Problem(f"{name} must be a positive int or three positive ints, got {value}")
     return triple
 
 
@@ -213,13 +215,13 @@ def check_patch_size(
     allowed = _round_up(shapes.max(axis=0), stride)
     for axis, (p, k, a) in enumerate(zip(patch, stride, allowed, strict=True)):
         if p % k:
-            raise ValueError(
+            raise Problem(
                 f"patch_size {list(patch)} is not a multiple of the network stride {list(stride)} on axis {axis}; "
                 f"use {_round_up(patch, stride)}"
             )
         if p > a:
             largest = int(np.argmax(shapes[:, axis]))
-            raise ValueError(
+            raise Problem(
                 f"patch_size {list(patch)} exceeds the largest case ({case_ids[largest]}, {shapes[largest, axis]} "
                 f"voxels on axis {axis} after preprocessing) rounded up to the stride ({a}): every patch would be "
                 f"padding there; use at most {allowed}"
@@ -230,7 +232,7 @@ def _plan_normalization(index: str, channel: str, fingerprint: Fingerprint) -> N
     if channel.upper() == "CT":
         stats = fingerprint.foreground_intensity_properties_per_channel[str(index)]
         if math.isnan(stats["mean"]):
-            raise ValueError(
+            raise Problem(
                 f"channel {index} ({channel}) uses CT normalisation, which needs foreground intensity statistics, "
                 "but no training case has a foreground label; check the labels or rename the channel"
             )
@@ -269,7 +271,7 @@ def plan_experiment(
         while np.prod(patch) > patch_voxel_budget:
             axis = int(np.argmax(patch))  # shrink the longest side first, keeping the patch compact
             if patch[axis] == stride[axis]:
-                raise ValueError(
+                raise Problem(
                     f"patch voxel budget {patch_voxel_budget} is below one stride cube {stride}; "
                     "raise the budget or lower the stride"
                 )
@@ -310,16 +312,19 @@ def get_splits(
     path = Path(preprocessed_dir) / SPLITS_FILE
     ids = sorted(case_ids)
     if path.is_file():
-        splits = json.loads(path.read_text())
+        try:
+            splits = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise Problem(f"{path} is damaged ({error}); delete it to regenerate the splits") from error
         saved = set(splits[0]["train"]) | set(splits[0]["val"]) if splits else set()
         if saved != set(ids):
-            raise ValueError(
+            raise Problem(
                 f"{path} does not match the dataset (cases not in the dataset: {sorted(saved - set(ids))}; "
                 f"cases in no split: {sorted(set(ids) - saved)}); delete the file to regenerate the splits"
             )
         return splits
     if len(ids) < num_folds:
-        raise ValueError(
+        raise Problem(
             f"{num_folds}-fold cross-validation needs at least {num_folds} cases, the dataset has {len(ids)}; "
             "train on fold 'all'"
         )
@@ -337,15 +342,16 @@ def fold_cases(preprocessed_dir: Path | str, case_ids: Sequence[str], fold: int 
         return sorted(case_ids), sorted(case_ids)
     splits = get_splits(preprocessed_dir, case_ids)
     if not 0 <= int(fold) < len(splits):
-        raise ValueError(f"fold {fold} does not exist; choose 0-{len(splits) - 1} or 'all'")
+        raise Problem(f"fold {fold} does not exist; choose 0-{len(splits) - 1} or 'all'")
     return splits[int(fold)]["train"], splits[int(fold)]["val"]
 
 
 # --------------------------------------------------------------------------- the pipeline
 
 
-def default_preprocessed_dir(dataset_dir: Path) -> Path:
+def default_preprocessed_dir(dataset_dir: Path | str) -> Path:
     """``$nnUNet_preprocessed/<DatasetName>`` if set, else ``<raw root>/preprocessed/<DatasetName>``."""
+    dataset_dir = Path(dataset_dir).resolve()  # "." has neither a parent nor a name until resolved
     root = os.environ.get("nnUNet_preprocessed")
     return (Path(root) if root else dataset_dir.parent / "preprocessed") / dataset_dir.name
 
@@ -363,7 +369,7 @@ def plan_and_preprocess(
     ``plan_options`` go to :func:`plan_experiment`. With ``preprocess=False`` only plans.json is
     written and the report is None. Splits are made when there are at least 5 cases.
     """
-    dataset_dir = Path(dataset_dir)
+    dataset_dir = Path(dataset_dir).resolve()  # the plans name the dataset after its folder, "." included
     preprocessed_dir = Path(preprocessed_dir) if preprocessed_dir else default_preprocessed_dir(dataset_dir)
     cases = verify_dataset(dataset_dir) if verify else None
     fingerprint = extract_fingerprint(dataset_dir, cases)

@@ -24,6 +24,7 @@ from atomic import atomic_write, write_json
 from dataset import RawCase, find_valid_cases, load_raw_case, read_dataset_json
 from monai.data import MetaTensor
 from monai.transforms import Spacing, SpatialResample
+from problems import Problem
 from scipy import ndimage
 
 if TYPE_CHECKING:
@@ -133,11 +134,28 @@ NORMALIZATIONS = {cls.scheme: cls for cls in (ZScoreNormalization, CTNormalizati
 def normalization_from_json(entry: dict) -> Normalization:
     scheme = NORMALIZATIONS.get(entry.get("scheme"))
     if scheme is None:
-        raise ValueError(
+        raise Problem(
             f"unknown normalisation scheme {entry.get('scheme')!r} in the plans (known: {sorted(NORMALIZATIONS)}); "
             "plan again: python examples/e2enet/data.py plan --data DATASET_DIR"
         )
     return scheme.from_json(entry)
+
+
+def check_normalized(image: np.ndarray, span: tuple[float, float], what: str, normalize: Normalization) -> None:
+    """Stop rather than let a normalised channel be NaN or one constant (all zeros, for a z-score).
+
+    Extreme voxels make the statistics overflow (std = inf divides everything to 0, a mean of -inf gives NaN);
+    a blank image has nothing to normalise. Either way training on the result would be training on nothing.
+    """
+    if np.isfinite(image).all() and image.min() < image.max():
+        return
+    result = "NaN/inf values" if not np.isfinite(image).all() else "all zeros" if not image.any() else "a constant"
+    lo, hi = span
+    source = f"every voxel is {lo:g}" if lo == hi else f"its values span {lo:.3g} to {hi:.3g}"
+    raise Problem(
+        f"{what} ({normalize.describe()}) gives {result} ({source}); run python examples/e2enet/data.py verify "
+        "--data DATASET_DIR to see what is wrong with the image, then fix or replace it"
+    )
 
 
 # --------------------------------------------------------------------------- one case
@@ -163,7 +181,10 @@ def preprocess_case(
     crop_affine = affine.copy()
     crop_affine[:3, 3] = nib.affines.apply_affine(affine, [s.start for s in bbox])
     for channel, normalize in enumerate(plans.normalization):
-        normalize(data[channel], mask)
+        span = float(data[channel].min()), float(data[channel].max())
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, with the case named
+            normalize(data[channel], mask)
+        check_normalized(data[channel], span, f"{case.case_id}: normalising {case.images[channel].name}", normalize)
 
     target = np.asarray(plans.target_spacing)
     resampled = not np.allclose(nib.affines.voxel_sizes(affine), target, rtol=1e-3)  # skip a pointless blur
@@ -290,7 +311,7 @@ def load_preprocessed_case(data_dir: Path | str, case_id: str) -> PreprocessedCa
     data_dir = Path(data_dir)
     npz, sidecar = data_dir / f"{case_id}.npz", data_dir / f"{case_id}.json"
     if not npz.is_file():
-        raise ValueError(f"{case_id}: {npz} not found; run: python examples/e2enet/data.py plan --data DATASET_DIR")
+        raise Problem(f"{case_id}: {npz} not found; run: python examples/e2enet/data.py plan --data DATASET_DIR")
     with np.load(npz) as arrays:
         locations = {int(k.split("_")[1]): arrays[k] for k in arrays.files if k.startswith("locations_")}
         mask = arrays["nonzero_mask"] if "nonzero_mask" in arrays.files else None
