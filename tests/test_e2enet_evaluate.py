@@ -199,9 +199,12 @@ def test_folder_evaluation_cli_writes_json_and_table(dataset, tmp_path, capsys):
 
 def test_labels_default_to_values_in_references(dataset):
     ref_dir, pred_dir, _ = dataset
-    summary = evaluate.evaluate_folders(ref_dir, pred_dir)
+    with pytest.warns(UserWarning, match=r"case_b: predicted label\(s\) \[3\] are none of the scored classes"):
+        summary = evaluate.evaluate_folders(ref_dir, pred_dir)
     assert summary["labels"] == {"1": 1, "2": 2}  # 3 appears only in a prediction
-    assert evaluate.evaluate_folders(ref_dir, pred_dir, labels=[2])["labels"] == {"2": 2}
+    assert summary["unscored_prediction_labels"] == {"case_b": [3]}
+    with pytest.warns(UserWarning, match="not scored"):
+        assert evaluate.evaluate_folders(ref_dir, pred_dir, labels=[2])["labels"] == {"2": 2}
 
 
 def test_missing_prediction_names_case_or_scores_empty(dataset, capsys):

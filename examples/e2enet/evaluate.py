@@ -6,36 +6,20 @@
 
 Files are NIfTI label maps named ``{case}.nii.gz`` (nnU-Net naming, no ``_0000`` channel suffix),
 matched by file name. Every reference needs a prediction on the same voxel grid (same shape, and
-affines equal within rtol 1e-4 / atol 1e-3, the tolerance of ``dataset.verify_dataset``); anything
-else raises ValueError naming the case and the fix. Predictions without a reference are listed in
-the summary (``unmatched_predictions``) and not scored.
+affines equal within rtol 1e-4 / atol 1e-3, the tolerance of ``verify.verify_dataset``); anything
+else, a damaged or truncated file included, raises a ``problems.Problem`` (a ValueError) naming the case and the
+fix. Predictions without a reference are listed in the summary (``unmatched_predictions``) and not scored;
+predicted label values outside the scored classes are warned about (``unscored_prediction_labels``).
 
 Classes
     ``--dataset-json``: the nnU-Net v2 ``labels`` (name -> int, or name -> list of ints for a
     region such as BraTS "whole tumor"; ``background`` = 0 is not scored). ``--labels``: those
     values, named by their number. Neither: every non-zero value found in the references.
 
-Metrics, for each case and class (voxel spacing from the reference NIfTI header, in mm)
-    * Dice = 2 |R & P| / (|R| + |P|), counted exactly on the voxels.
-    * NSD: MONAI ``compute_surface_dice(use_subvoxels=True)``, the surface-area-weighted fraction
-      of both boundaries lying within ``nsd_tolerance_mm`` of the other (DeepMind's definition).
-    * HD95: MONAI ``compute_hausdorff_distance(percentile=95)`` in mm, the larger of the two
-      directed 95th percentiles of edge-voxel distances.
-
-Empty classes (rules follow nnU-Net's for Dice; every ``null`` comes with a ``status``)
-    =====================  ======  ======  ======  ==================================================
-    status                 Dice    NSD     HD95    in the means
-    =====================  ======  ======  ======  ==================================================
-    ``scored``             value   value   value   all three
-    ``both_empty``         null    null    null    none: nothing to find and nothing predicted, so
-                                                   there is no error to measure (nnU-Net: NaN)
-    ``empty_reference``    0       0       null    Dice and NSD (a false positive is a failure);
-                                                   HD95 excluded (no reference surface: infinite)
-    ``empty_prediction``   0       0       null    Dice and NSD (a miss is a failure); HD95
-                                                   excluded (no predicted surface: infinite)
-    =====================  ======  ======  ======  ==================================================
-
-    So an HD95 mean covers only cases where both masks are non-empty; ``n_scored`` says how many
+Metrics and empty classes
+    Dice, NSD and HD95 per case and class, with the voxel spacing from the reference NIfTI header (mm), and
+    the rules for empty classes (``scored``, ``both_empty``, ``empty_reference``, ``empty_prediction``):
+    ``metrics.py``. So an HD95 mean covers only cases where both masks are non-empty; ``n_scored`` says how many
     cases each mean covers and ``counts`` how many fell under each rule, so a low HD95 mean with
     many ``empty_prediction`` cases is visible as such. A missing prediction is an error, or with
     ``--allow-missing`` an all-background prediction (``missing_prediction: true`` on the case).
@@ -53,7 +37,8 @@ Summary (``evaluate_folders``; written by ``--json``, with ``null`` for undefine
       averaged}, ``counts`` {status: cases}}}.
     * ``mean``: {``dice``, ``nsd``, ``hd95``, ``counts`` {status: case/class pairs}}.
     * ``labels`` {name: value or [values]}, ``settings`` (folders, tolerance, percentile),
-      ``missing_predictions`` and ``unmatched_predictions`` (case names).
+      ``missing_predictions`` and ``unmatched_predictions`` (case names), ``unscored_prediction_labels``
+      {case: predicted values outside the scored classes}.
 
 In-process use (the demo and comparison scripts)::
 
@@ -69,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -77,9 +61,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
-from dataset import same_affine
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from atomic import atomic_write
+from dataset import read_nifti, same_affine
+from metrics import (
+    HD_PERCENTILE,
+    METRICS,
+    STATUSES,
+    LabelSpec,
+    evaluate_arrays,
+    from_float32,
+    mean_of,
+    normalise_labels,
+)
+from problems import Problem, report_problem
 
 __all__ = [
     "FILE_ENDING",
@@ -93,34 +87,9 @@ __all__ = [
 ]
 
 FILE_ENDING = ".nii.gz"
-METRICS = ("dice", "nsd", "hd95")
-STATUSES = ("scored", "both_empty", "empty_reference", "empty_prediction")
-HD_PERCENTILE = 95.0
-
-LabelSpec = Mapping[str, "int | Sequence[int]"] | Sequence[int]
 
 
 # --------------------------------------------------------------------------- labels
-
-
-def _normalise_labels(labels: LabelSpec) -> dict[str, int | list[int]]:
-    """Return ``{name: value or [values]}`` from a name mapping or a plain sequence of values."""
-    if isinstance(labels, Mapping):
-        named = dict(labels)
-    else:
-        named = {str(int(value)): int(value) for value in labels}
-    if not named:
-        raise ValueError("no classes to score; pass --labels, --dataset-json, or references with non-zero labels")
-    normalised: dict[str, int | list[int]] = {}
-    for name, value in named.items():
-        is_region = isinstance(value, (list, tuple))  # nnU-Net region: the union of several labels
-        values = [int(v) for v in value] if is_region else [int(value)]
-        if not values or 0 in values:
-            raise ValueError(
-                f"class {name!r} = {value!r}: give one or more non-zero label values (background 0 is not scored)"
-            )
-        normalised[str(name)] = values if is_region else values[0]
-    return normalised
 
 
 def labels_from_dataset_json(path: Path | str) -> dict[str, int | list[int]]:
@@ -129,105 +98,17 @@ def labels_from_dataset_json(path: Path | str) -> dict[str, int | list[int]]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read dataset.json ({error}); pass the dataset's dataset.json") from error
+        raise Problem(f"{path}: cannot read dataset.json ({error}); pass the dataset's dataset.json") from error
     if not isinstance(meta.get("labels"), Mapping):
-        raise ValueError(f"{path}: no 'labels' mapping (name -> int); is this an nnU-Net v2 dataset.json?")
+        raise Problem(f"{path}: no 'labels' mapping (name -> int); is this an nnU-Net v2 dataset.json?")
     if "ignore" in meta["labels"]:
         # nnU-Net masks ignore-label voxels out of every metric; surface metrics on partially
         # annotated masks are not defined here, so refuse rather than score them as background.
-        raise ValueError(
+        raise Problem(
             f"{path}: declares an 'ignore' label (sparse annotation); this evaluator scores dense "
             "annotations only: evaluate with nnU-Net's evaluator or drop the ignore label"
         )
-    return _normalise_labels({name: value for name, value in meta["labels"].items() if value != 0})
-
-
-def _class_mask(label_map: np.ndarray, value: int | list[int]) -> np.ndarray:
-    return np.isin(label_map, value) if isinstance(value, list) else label_map == value
-
-
-# --------------------------------------------------------------------------- one case
-
-
-def _union_bbox(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
-    """Tight bounding box of ``a | b``. MONAI crops to it (zero-padding a 1-voxel margin) anyway, but
-    only after converting the whole volume to float tensors: cropping first gives the same values and
-    saves that conversion (a third of the time at 80^3 with organ-sized classes, more on larger scans)."""
-    union = a | b
-    box = []
-    for axis in range(union.ndim):
-        hits = np.flatnonzero(union.any(axis=tuple(i for i in range(union.ndim) if i != axis)))
-        box.append(slice(hits[0], hits[-1] + 1))
-    return tuple(box)
-
-
-def _score_class(ref: np.ndarray, pred: np.ndarray, spacing: list[float], nsd_tolerance_mm: float) -> dict:
-    """Dice, NSD, HD95 and status of one class given its boolean masks (rules in the module docstring)."""
-    n_ref, n_pred = int(np.count_nonzero(ref)), int(np.count_nonzero(pred))
-    result = {"ref_voxels": n_ref, "pred_voxels": n_pred}
-    if n_ref == 0 and n_pred == 0:
-        return {**result, "dice": None, "nsd": None, "hd95": None, "status": "both_empty"}
-    if n_ref == 0 or n_pred == 0:
-        status = "empty_reference" if n_ref == 0 else "empty_prediction"
-        return {**result, "dice": 0.0, "nsd": 0.0, "hd95": None, "status": status}
-
-    dice = 2.0 * np.count_nonzero(ref & pred) / (n_ref + n_pred)
-    box = _union_bbox(ref, pred)
-    # MONAI wants one-hot batches (B, C, X, Y, Z); one class at a time, background included.
-    ref_t = torch.from_numpy(np.ascontiguousarray(ref[box]))[None, None]
-    pred_t = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None]
-    with warnings.catch_warnings():
-        # MONAI 1.5-1.6 passes its own deprecated argument internally on every call; nothing to act on here.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        nsd = compute_surface_dice(
-            pred_t, ref_t, [nsd_tolerance_mm], include_background=True, spacing=spacing, use_subvoxels=True
-        )
-        hd95 = compute_hausdorff_distance(
-            pred_t, ref_t, include_background=True, percentile=HD_PERCENTILE, spacing=spacing
-        )
-    nsd, hd95 = _from_float32(nsd.item()), _from_float32(hd95.item())
-    return {**result, "dice": float(dice), "nsd": nsd, "hd95": hd95, "status": "scored"}
-
-
-def _from_float32(value: float) -> float:
-    """MONAI and NIfTI headers hold float32: keep the shortest decimal that round-trips it
-    (1.2, not 1.2000000476837158)."""
-    return float(str(np.float32(value)))
-
-
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
-def evaluate_arrays(
-    ref: np.ndarray,
-    pred: np.ndarray,
-    spacing: Sequence[float],
-    labels: LabelSpec,
-    nsd_tolerance_mm: float = 1.0,
-) -> dict:
-    """Score one case: integer label maps ``ref`` and ``pred`` on the same grid, ``spacing`` in mm per axis.
-
-    Returns ``{"classes": {name: {"dice", "nsd", "hd95", "status", "ref_voxels", "pred_voxels"}},
-    "mean": {metric: ...}}`` with ``None`` for undefined values (empty-class rules in the module docstring).
-    """
-    ref, pred = np.asarray(ref), np.asarray(pred)
-    if ref.shape != pred.shape:
-        raise ValueError(
-            f"prediction shape {pred.shape} differs from reference shape {ref.shape}; "
-            "resample the prediction onto the reference grid"
-        )
-    spacing = [float(s) for s in spacing]
-    if len(spacing) != ref.ndim or not all(s > 0 and math.isfinite(s) for s in spacing):
-        raise ValueError(f"spacing {spacing} must give one positive voxel size (mm) per axis of the {ref.ndim}D arrays")
-    if not (nsd_tolerance_mm >= 0 and math.isfinite(nsd_tolerance_mm)):
-        raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0, got {nsd_tolerance_mm}")
-    classes = {
-        name: _score_class(_class_mask(ref, value), _class_mask(pred, value), spacing, nsd_tolerance_mm)
-        for name, value in _normalise_labels(labels).items()
-    }
-    return {"classes": classes, "mean": {m: _mean([c[m] for c in classes.values()]) for m in METRICS}}
+    return normalise_labels({name: value for name, value in meta["labels"].items() if value != 0})
 
 
 # --------------------------------------------------------------------------- folders
@@ -235,14 +116,13 @@ def evaluate_arrays(
 
 def _load_label_map(path: Path, role: str, case: str) -> nib.Nifti1Image:
     try:
-        image = nib.load(path)
-    except (OSError, nib.filebasedimages.ImageFileError) as error:
-        message = f"case {case}: cannot read {role} {path} ({error}); rewrite it as a NIfTI label map"
-        raise ValueError(message) from error
+        image = read_nifti(path)
+    except Problem as problem:
+        raise Problem(f"case {case}: {role} {problem}") from problem
     if len(image.shape) == 4 and image.shape[3] == 1:  # nnU-Net tools sometimes keep a singleton channel axis
         image = image.slicer[..., 0]
     if len(image.shape) != 3:
-        raise ValueError(f"case {case}: {role} {path.name} has shape {image.shape}; expected one 3D label map")
+        raise Problem(f"case {case}: {role} {path.name} has shape {image.shape}; expected one 3D label map")
     return image
 
 
@@ -252,7 +132,7 @@ def _label_array(image: nib.Nifti1Image, role: str, case: str) -> np.ndarray:
     if np.issubdtype(array.dtype, np.integer):
         return array
     if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
-        raise ValueError(
+        raise Problem(
             f"case {case}: {role} holds non-integer values; save the argmax label map "
             "(resampled with nearest-neighbour interpolation), not probabilities"
         )
@@ -261,14 +141,14 @@ def _label_array(image: nib.Nifti1Image, role: str, case: str) -> np.ndarray:
 
 def _check_same_grid(ref: nib.Nifti1Image, pred: nib.Nifti1Image, case: str) -> None:
     if ref.shape != pred.shape:
-        raise ValueError(
+        raise Problem(
             f"case {case}: prediction shape {pred.shape} differs from reference shape {ref.shape}; "
             "export the prediction on the original image grid (undo cropping and resampling, "
             "e.g. preprocessing.revert_preprocessing) before evaluating"
         )
     if not same_affine(pred.affine, ref.affine):  # the grid tolerance of dataset verification
         difference = np.abs(pred.affine - ref.affine).max()
-        raise ValueError(
+        raise Problem(
             f"case {case}: prediction affine differs from the reference affine (max difference {difference:.4g}); "
             "save the prediction with the reference image's affine (nib.Nifti1Image(seg, reference.affine)) "
             "or resample it onto the reference grid"
@@ -277,7 +157,7 @@ def _check_same_grid(ref: nib.Nifti1Image, pred: nib.Nifti1Image, case: str) -> 
 
 def _case_files(folder: Path, role: str) -> dict[str, Path]:
     if not folder.is_dir():
-        raise ValueError(f"{role} folder {folder} does not exist; pass the folder holding the {FILE_ENDING} files")
+        raise Problem(f"{role} folder {folder} does not exist; pass the folder holding the {FILE_ENDING} files")
     # hidden files are skipped: macOS copies leave "._case.nii.gz" metadata files next to the real ones
     files = sorted(p for p in folder.glob(f"*{FILE_ENDING}") if not p.name.startswith("."))
     return {p.name[: -len(FILE_ENDING)]: p for p in files}
@@ -307,17 +187,15 @@ def evaluate_folders(
     """
     ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
     if labels is not None and dataset_json is not None:
-        raise ValueError("give labels or dataset_json, not both")
+        raise Problem("give labels or dataset_json, not both")
     references, predictions = _case_files(ref_dir, "reference"), _case_files(pred_dir, "prediction")
     if not references:
-        raise ValueError(
-            f"no {FILE_ENDING} files in reference folder {ref_dir}; pass the folder of reference label maps"
-        )
+        raise Problem(f"no {FILE_ENDING} files in reference folder {ref_dir}; pass the folder of reference label maps")
     missing = sorted(set(references) - set(predictions))
     unmatched = sorted(set(predictions) - set(references))
     if missing and not allow_missing:
         hint = f"; unmatched prediction files {unmatched[:5]} suggest a naming mismatch" if unmatched else ""
-        raise ValueError(
+        raise Problem(
             f"no prediction for case(s) {missing} in {pred_dir} (expected {missing[0]}{FILE_ENDING}){hint}; "
             "predict them, or pass --allow-missing to score them as empty predictions"
         )
@@ -325,11 +203,12 @@ def evaluate_folders(
     if dataset_json is not None:
         classes = labels_from_dataset_json(dataset_json)
     elif labels is not None:
-        classes = _normalise_labels(labels)
+        classes = normalise_labels(labels)
     else:
-        classes = _normalise_labels(_labels_in_references(references))
+        classes = normalise_labels(_labels_in_references(references))
 
-    per_case = []
+    scored_values = {v for value in classes.values() for v in (value if isinstance(value, list) else [value])}
+    per_case, unscored = [], {}
     for case, ref_path in references.items():
         ref_image = _load_label_map(ref_path, "reference", case)
         ref = _label_array(ref_image, "reference", case)
@@ -337,9 +216,17 @@ def evaluate_folders(
             pred_image = _load_label_map(predictions[case], "prediction", case)
             _check_same_grid(ref_image, pred_image, case)
             pred = _label_array(pred_image, "prediction", case)
+            extra = sorted(set(np.unique(pred).tolist()) - scored_values - {0})
+            if extra:
+                unscored[case] = extra
+                warnings.warn(
+                    f"{case}: predicted label(s) {extra} are none of the scored classes {sorted(scored_values)} and "
+                    "are not scored; score every class (--labels, --dataset-json) or check the prediction",
+                    stacklevel=2,
+                )
         else:
             pred = np.zeros_like(ref)
-        spacing = [_from_float32(z) for z in ref_image.header.get_zooms()[:3]]
+        spacing = [from_float32(z) for z in ref_image.header.get_zooms()[:3]]
         scores = evaluate_arrays(ref, pred, spacing, classes, nsd_tolerance_mm)
         per_case.append(
             {
@@ -357,12 +244,12 @@ def evaluate_folders(
     for name in classes:
         entries = [c["classes"][name] for c in per_case]
         per_class_mean[name] = {
-            **{m: _mean([e[m] for e in entries]) for m in METRICS},
+            **{m: mean_of([e[m] for e in entries]) for m in METRICS},
             "n_scored": {m: sum(e[m] is not None for e in entries) for m in METRICS},
             "counts": {s: sum(e["status"] == s for e in entries) for s in STATUSES},
         }
     mean = {
-        **{m: _mean([c[m] for c in per_class_mean.values()]) for m in METRICS},
+        **{m: mean_of([c[m] for c in per_class_mean.values()]) for m in METRICS},
         "counts": {s: sum(c["counts"][s] for c in per_class_mean.values()) for s in STATUSES},
     }
     return {
@@ -380,6 +267,7 @@ def evaluate_folders(
         },
         "missing_predictions": missing,
         "unmatched_predictions": unmatched,
+        "unscored_prediction_labels": unscored,
     }
 
 
@@ -444,22 +332,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        summary = evaluate_folders(
-            args.ref,
-            args.pred,
-            labels=args.labels,
-            nsd_tolerance_mm=args.nsd_tolerance,
-            dataset_json=args.dataset_json,
-            allow_missing=args.allow_missing,
-        )
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            summary = evaluate_folders(
+                args.ref,
+                args.pred,
+                labels=args.labels,
+                nsd_tolerance_mm=args.nsd_tolerance,
+                dataset_json=args.dataset_json,
+                allow_missing=args.allow_missing,
+            )
+    except Problem as problem:
+        return report_problem(problem)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     print(format_table(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         # allow_nan=False: undefined values are null by construction; a NaN here would be a bug.
-        args.json.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        with atomic_write(args.json) as f:
+            f.write((json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
         print(f"\nwrote {args.json}")
     return 0
 
