@@ -110,20 +110,23 @@ def test_crash_then_resume_ends_bit_identical(dataset, finished_run, tmp_path, m
     assert [r["train_loss"] for r in reference["log"]] == [r["train_loss"] for r in resumed["log"]]
 
 
-def test_resume_with_another_configuration_is_refused(dataset, finished_run):
+def test_resume_with_another_configuration_is_refused(dataset, finished_run, capsys):
     out, _ = finished_run
     args = run_args(dataset, out, "--resume")
     args[args.index("--density") + 1] = "0.3"
-    with pytest.raises(SystemExit, match=r"another configuration: density saved 0.2 vs now 0.3"):
+    with pytest.raises(SystemExit) as refused:
         train.main(args)
+    assert refused.value.code == 2
+    assert "another configuration: density saved 0.2 vs now 0.3" in capsys.readouterr().err
 
 
-def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path):
+def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "fold_0").mkdir(parents=True)
     (out / "fold_0" / "checkpoint_latest.pth").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(SystemExit, match="damaged or not a checkpoint"):
+    with pytest.raises(SystemExit) as refused:
         train.main(run_args(dataset, out, "--resume"))
+    assert refused.value.code == 2 and "damaged or not a checkpoint" in capsys.readouterr().err
 
 
 def test_predict_writes_input_geometry_and_evaluates(dataset, finished_run, tmp_path):
@@ -137,21 +140,20 @@ def test_predict_writes_input_geometry_and_evaluates(dataset, finished_run, tmp_
     pred = nib.load(written[0])
     assert pred.shape == source.shape and np.allclose(pred.affine, source.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
-    # Already predicted cases are skipped.
-    assert (
-        predict.main(["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"), "--no-progress"])
-        == []
-    )
+    # Cases already predicted by this model with these settings are skipped.
+    again = ["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"), "--no-progress", "--tta"]
+    assert predict.main(again) == []
     summary = evaluate.evaluate_folders(dataset / "labelsTs", tmp_path / "pred", dataset_json=dataset / "dataset.json")
     assert set(summary["per_class_mean"]) == {"grey_matter", "white_matter", "csf_other"}
 
 
-def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path):
+def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path, capsys):
     out, _ = finished_run
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "in" / "case_0001.nii.gz")
-    with pytest.raises(SystemExit, match="case 'case' has channel files \\[1\\]"):
+    with pytest.raises(SystemExit) as refused:
         predict.main(["--model", str(out), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")])
+    assert refused.value.code == 2 and "case 'case' has channel files [1]" in capsys.readouterr().err
 
 
 def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tmp_path):
@@ -315,5 +317,5 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
     assert not any(k.startswith("module.") for k in latest["model"])  # saved unwrapped: predict.py loads it
 
     single = subprocess.run([sys.executable, script, *args, "--resume"], capture_output=True, text=True, timeout=120)
-    assert single.returncode == 1
+    assert single.returncode == 2
     assert "written by a run on 2 process(es), this one has 1" in single.stderr, single.stderr[-2000:]

@@ -25,40 +25,37 @@ GradScaler (``--no-amp``: float32); on CPU the run is float32. See docs/distribu
 
 Writes, into ``RUN_DIR``: ``plans.json`` and ``config.json`` (what predict.py needs), and into
 ``RUN_DIR/fold_F``: ``checkpoint_latest.pth`` (every epoch, atomically: model, optimizer, sparsity, loader and
-RNG state, log), ``checkpoint_final.pth``, ``log.csv``, ``progress.png``, ``fusion_connections.png``.
+RNG state, log), ``checkpoint_final.pth``, ``log.csv``, ``progress.png``, ``fusion_connections.png``. A fold that
+already holds a run is continued with ``--resume`` or replaced with ``--overwrite``, never silently; the checks
+(run_folder.py) come before anything in RUN_DIR is written, so a refused run leaves it as it was. A problem with
+the data or the run folder is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import json
-import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from atomic import atomic_write, write_json
-from loader import ALL_AXES, AUGMENTATIONS, TrainLoader, to_network_layout
-from model import (
-    ARCHITECTURES,
-    build_model,
-    deep_supervision_weights,
-    e2enet_fusion_targets,
-    network_stride,
-    output_list,
-)
+from atomic import write_json
+from checkpoint import load_checkpoint, rank_state, restore, save_checkpoint
+from epoch_log import describe, epoch_row, validate, write_log
+from loader import ALL_AXES, AUGMENTATIONS, TrainLoader
+from loss import DivergenceGuard, deep_supervision_loss, to_device
+from model import ARCHITECTURES, build_model, e2enet_fusion_targets, network_stride, output_list
 from monai.losses import DiceCELoss
-from planning import PLANS_FILE, Plans, default_preprocessed_dir, fold_cases, plan_and_preprocess
+from planning import Plans, default_preprocessed_dir, fold_cases, plan_and_preprocess
 from plots import fusion_connection_proportions, plot_fusion_connections, plot_progress
 from preprocessing import preprocessed_data_dir
+from problems import exit_on_problem
+from processes import Processes, gather_rank_states, reduce_over_ranks, setup_distributed
+from run_folder import claim_fold, run_config
 from torch import nn
 from tqdm import tqdm
 
@@ -89,31 +86,6 @@ PRESET_RUNS = {
 LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12.0
 DROP_FRACTION = 0.5  # the paper's death rate alpha
 PAPER_UPDATE_EVERY = 1200
-# With AMP a non-finite loss is the GradScaler's business (it skips the step and halves the scale); only a scale
-# halved ~30 times from 2**16 without recovering means the run itself diverged.
-MIN_LOSS_SCALE = 1e-4
-# What must match for --resume to continue a run rather than silently start another experiment.
-RESUME_KEYS = (
-    "arch",
-    "preset",
-    "fold",
-    "density",
-    "static",
-    "epochs",
-    "iters_per_epoch",
-    "update_every",
-    "grace_updates",
-    "augment",
-    "mirror_axes",
-    "model_options",
-    "seed",
-    "preprocessing_hash",
-    "patch_size",
-    "batch_size",
-    "world_size",
-)
-# What predict.py needs to rebuild the network, written to RUN_DIR/config.json.
-MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options")
 
 
 def model_option(text: str) -> tuple[str, object]:
@@ -175,7 +147,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="override an E2ENet constructor argument of the preset (repeatable), e.g. stem=shift base_channels=8",
     )
     p.add_argument("--static", action="store_true", help="fixed random mask: the static-sparsity ablation")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
+    again.add_argument("--overwrite", action="store_true", help="replace a fold already trained in RUN_DIR")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preprocessed", type=Path, default=None, help="preprocessed folder (default: beside the data)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
@@ -185,6 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESET_RUNS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.fold != "all" and args.fold not in map(str, range(5)):
+        p.error(f"--fold must be 0-4 or 'all', got {args.fold!r}")
     if not 0.0 < args.density <= 1.0:
         p.error(f"--density must be in (0, 1], got {args.density}")
     if args.arch != "e2enet" and (args.density < 1.0 or args.static):
@@ -202,36 +178,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-@dataclass(frozen=True)
-class Processes:
-    """This process's place in the run: the only one, or rank ``rank`` of ``world_size`` under torchrun."""
-
-    world_size: int
-    rank: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed() -> Processes:
-    """One process, or one per GPU (or CPU worker) under torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if world_size > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        # Long timeout: the other ranks wait at a barrier while rank 0 preprocesses a new dataset.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-    return Processes(world_size, rank, device)
-
-
 def prepare_data(args: argparse.Namespace) -> tuple[Plans, Path, list[str], list[str]]:
     """Plan (patch a multiple of the network's stride), preprocess (cached) and split: plans, data folder, ids."""
     with torch.device("meta"):  # only the stride is needed here
@@ -246,33 +192,6 @@ def prepare_data(args: argparse.Namespace) -> tuple[Plans, Path, list[str], list
     )
     train_ids, val_ids = fold_cases(preprocessed, sorted(plans.fingerprint.case_ids), args.fold)
     return plans, preprocessed_data_dir(preprocessed, plans), train_ids, val_ids
-
-
-def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: bool) -> dict:
-    """What defines the run, saved in every checkpoint (``RESUME_KEYS`` must match to resume it)."""
-    return {
-        "arch": args.arch,
-        "preset": args.preset,
-        "fold": str(args.fold),
-        "density": args.density,
-        "static": args.static,
-        "epochs": args.epochs,
-        "iters_per_epoch": args.iters_per_epoch,
-        "update_every": args.update_every,
-        "grace_updates": args.grace_updates,
-        "augment": args.augment,
-        "mirror_axes": list(args.mirror_axes),
-        "model_options": args.model_options,
-        "seed": args.seed,
-        "in_channels": len(plans.channel_names),
-        "num_classes": plans.num_classes,
-        "preprocessing_hash": plans.preprocessing_hash,
-        "patch_size": plans.patch_size,
-        "batch_size": plans.batch_size,
-        "dataset": str(args.data),
-        "world_size": world_size,
-        "amp": amp,
-    }
 
 
 def build_network(args: argparse.Namespace, plans: Plans, procs: Processes) -> tuple[nn.Module, nn.Module]:
@@ -325,184 +244,8 @@ def poly_lr(epoch: int, epochs: int) -> float:
     return LR * (1 - epoch / epochs) ** POLY_EXPONENT
 
 
-def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A loader batch as the network takes it: (image, label) in its axis order, the image channels-last."""
-    image = to_network_layout(batch["image"]).to(device, memory_format=torch.channels_last_3d)
-    return image, to_network_layout(batch["label"]).to(device)
-
-
-def deep_supervision_loss(loss_fn, outputs: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over the outputs (full resolution first) against nearest-downsampled labels."""
-    weights = deep_supervision_weights(len(outputs))
-    total = 0.0
-    for weight, logits in zip(weights, outputs, strict=True):
-        target = (
-            label
-            if logits.shape[2:] == label.shape[2:]
-            else F.interpolate(label.float(), size=logits.shape[2:], mode="nearest").long()
-        )
-        total = total + weight * loss_fn(logits, target)
-    return total
-
-
-class DivergenceGuard:
-    """Stops the run, on every rank, once training has diverged; the message names the last good checkpoint."""
-
-    def __init__(self, amp: bool, distributed: bool, checkpoint_path: Path):
-        self.amp, self.distributed, self.checkpoint_path = amp, distributed, checkpoint_path
-
-    def check_loss(self, loss: torch.Tensor, epoch: int) -> None:
-        """Before the backward pass: in float32 a non-finite loss (on any rank) means divergence."""
-        if self.amp:
-            return
-        finite = torch.isfinite(loss.detach()).float()
-        if self.distributed:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite:
-            raise SystemExit(
-                f"non-finite loss ({loss.item()}{' on some rank' if self.distributed else ''}) at "
-                f"epoch {epoch}; training stopped. The last good checkpoint is {self.checkpoint_path} "
-                f"(epoch {epoch - 1}); lower the learning rate or check the data for extreme values"
-            )
-
-    def check_scale(self, scaler: torch.amp.GradScaler, epoch: int) -> None:
-        """After the step: with AMP, a loss scale that collapsed means the gradients stay non-finite."""
-        if self.amp and scaler.get_scale() < MIN_LOSS_SCALE:
-            raise SystemExit(
-                f"the AMP loss scale collapsed to {scaler.get_scale():.1e} at epoch {epoch}: the "
-                f"gradients stay non-finite, training stopped. The last good checkpoint is "
-                f"{self.checkpoint_path} (epoch {epoch - 1}); lower the learning rate, check the data "
-                f"for extreme values, or try --no-amp"
-            )
-
-
-@torch.no_grad()
-def validate(model, loader: TrainLoader, loss_fn, iters: int, num_classes: int, device, autocast):
-    """Mean loss and the TP, FP, FN counts per foreground class, shape (3, K - 1), over ``iters`` batches."""
-    model.eval()
-    counts = torch.zeros(3, num_classes - 1)
-    losses = []
-    for _ in range(iters):
-        image, label = to_device(next(loader), device)
-        with autocast():
-            logits = model(image)
-        losses.append(loss_fn(logits, label).item())
-        pred, ref = logits.argmax(1).cpu(), label[:, 0].cpu()
-        for c in range(1, num_classes):
-            counts[0, c - 1] += ((pred == c) & (ref == c)).sum()
-            counts[1, c - 1] += ((pred == c) & (ref != c)).sum()
-            counts[2, c - 1] += ((pred != c) & (ref == c)).sum()
-    return float(np.mean(losses)), counts
-
-
-def reduce_over_ranks(train_loss: float, val_loss: float, counts: torch.Tensor, procs: Processes):
-    """Losses averaged and TP/FP/FN summed over the ranks, so the pseudo-Dice covers every rank's batches."""
-    if not procs.distributed:
-        return train_loss, val_loss, counts
-    counts = counts.double().to(procs.device)
-    dist.all_reduce(counts)
-    mean_losses = torch.tensor([train_loss, val_loss], dtype=torch.float64, device=procs.device)
-    dist.all_reduce(mean_losses)
-    train_loss, val_loss = (mean_losses / procs.world_size).tolist()
-    return train_loss, val_loss, counts.cpu()
-
-
-def pseudo_dice(counts: torch.Tensor) -> list[float]:
-    """nnU-Net's pseudo-Dice per foreground class: Dice of the TP/FP/FN summed over the validation batches."""
-    tp, fp, fn = counts
-    return (2 * tp / (2 * tp + fp + fn).clamp_min(1)).tolist()
-
-
-def rank_state(train_loader: TrainLoader, val_loader: TrainLoader, device: torch.device) -> dict:
-    """This rank's loaders and RNG: what --resume restores on each rank."""
-    return {
-        "train_loader": train_loader.state_dict(),
-        "val_loader": val_loader.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-
-
-def gather_rank_states(own: dict, procs: Processes) -> list[dict]:
-    """Every rank's :func:`rank_state` (all ranks call this), for rank 0's checkpoint."""
-    if not procs.distributed:
-        return [own]
-    ranks = [None] * procs.world_size
-    dist.all_gather_object(ranks, own)
-    return ranks
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save, atomically: a crash, even SIGKILL mid-save, leaves the previous checkpoint or this one."""
-    with atomic_write(path) as f:
-        torch.save(state, f)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # truncated or not a torch file: say which file and what to do
-        raise SystemExit(
-            f"cannot read checkpoint {path} ({type(error).__name__}: {error}); it is damaged or not "
-            f"a checkpoint of train.py. Delete it to start over, or restore a backup."
-        ) from error
-
-
-def check_resumable(saved: dict, config: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint of another configuration or another number of processes."""
-    if saved["world_size"] != config["world_size"]:
-        raise SystemExit(
-            f"{path} was written by a run on {saved['world_size']} process(es), this one has "
-            f"{config['world_size']}: resume with the same world size (torchrun --nproc_per_node "
-            f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
-            f"is restored; or use another --out to start a new run"
-        )
-    different = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if saved.get(k) != config[k]}
-    if different:
-        raise SystemExit(
-            f"{path} was written by another configuration: "
-            + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in different.items())
-            + "; rerun with the saved settings, or use another --out to start a new run"
-        )
-
-
-def resume(
-    path: Path,
-    config: dict,
-    procs: Processes,
-    model,
-    optimizer,
-    sparsity,
-    scaler,
-    train_loader: TrainLoader,
-    val_loader: TrainLoader,
-) -> tuple[list[dict], int]:
-    """Restore everything a checkpoint holds; returns the log so far and the epoch to continue with."""
-    ckpt = load_checkpoint(path)
-    check_resumable(ckpt["config"], config, path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if sparsity is not None:
-        sparsity.load_state_dict(ckpt["sparsity"])
-    if ckpt.get("scaler"):  # saved by an AMP run; a disabled scaler ignores it
-        scaler.load_state_dict(ckpt["scaler"])
-    own = ckpt["ranks"][procs.rank]
-    train_loader.load_state_dict(own["train_loader"])
-    val_loader.load_state_dict(own["val_loader"])
-    torch.set_rng_state(own["torch_rng"])
-    if own.get("cuda_rng") is not None and procs.device.type == "cuda":
-        torch.cuda.set_rng_state(own["cuda_rng"], procs.device)
-    return ckpt["log"], ckpt["epoch"] + 1
-
-
-def write_log(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 # ---------------------------------------------------------------------------------------------------- main
+@exit_on_problem()  # a problem with the data or the run folder: one line, exit status 2
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -513,19 +256,18 @@ def main(argv=None) -> dict:
     amp = device.type == "cuda" and not args.no_amp  # float16 autocast + GradScaler; CPU stays float32
     fold_dir = args.out / f"fold_{args.fold}"
     checkpoint_path = fold_dir / "checkpoint_latest.pth"
-    if procs.is_main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-    elif distributed:
-        dist.barrier()  # rank 0 writes plans and preprocesses first; the others then find it all cached
+    if distributed and not procs.is_main:
+        dist.barrier()  # rank 0 preprocesses and claims the run folder first; the others then find it all ready
 
-    # ---- data
+    # ---- data, then the run folder: checked before anything in it is written
     plans, data_dir, train_ids, val_ids = prepare_data(args)
     config = run_config(args, plans, procs.world_size, amp)
     if procs.is_main:
-        plans.save(args.out / PLANS_FILE)
-        write_json(args.out / "config.json", {k: config[k] for k in MODEL_KEYS})
+        saved = claim_fold(args.out, args.fold, config, plans, resume=args.resume, overwrite=args.overwrite)
         if distributed:
             dist.barrier()
+    else:
+        saved = load_checkpoint(checkpoint_path) if args.resume and checkpoint_path.is_file() else None
 
     # ---- model, optimizer, sparsity, loss, loaders
     torch.manual_seed(args.seed)
@@ -550,9 +292,9 @@ def main(argv=None) -> dict:
     guard = DivergenceGuard(amp, distributed, checkpoint_path)
 
     rows, start_epoch = [], 0
-    if args.resume and checkpoint_path.is_file():
-        rows, start_epoch = resume(
-            checkpoint_path, config, procs, model, optimizer, sparsity, scaler, train_loader, val_loader
+    if saved is not None:
+        rows, start_epoch = restore(
+            saved, procs.rank, device, model, optimizer, sparsity, scaler, train_loader, val_loader
         )
         log(f"resumed {checkpoint_path} at epoch {start_epoch}")
     elif args.resume:
@@ -603,30 +345,9 @@ def main(argv=None) -> dict:
         train_loss, val_loss, counts = reduce_over_ranks(float(np.mean(losses)), val_loss, counts, procs)
         if distributed and sparsity is not None:
             sparsity.verify()  # raises on every rank if their masks have drifted apart
-        dice = pseudo_dice(counts)
-        survivals = [r.survival for r in reports if r.survival is not None]
-        row = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "val_loss": val_loss,
-            "pseudo_dice": float(np.mean(dice)),
-            **{f"dice_{c + 1}": d for c, d in enumerate(dice)},
-            "density": sparsity.density() if sparsity else 1.0,
-            "lr": lr,
-            "topology_updates": len(reports),
-            # Of the kernels grown at one update, the share the next update kept; and the share of all fusion
-            # kernels ever active (ITOP's exploration rate). Empty when this epoch made no update.
-            "regrown_survival": float(np.mean(survivals)) if survivals else "",
-            "exploration": reports[-1].exploration if reports else "",
-            "seconds": time.perf_counter() - started,
-        }
-        rows.append(row)
-        log(
-            f"epoch {epoch}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, pseudo-Dice "
-            f"{row['pseudo_dice']:.4f}, density {row['density']:.4f}, lr {lr:.5f}, {len(reports)} updates, "
-            f"{row['seconds']:.1f} s"
-            + (f", masks verified on {procs.world_size} ranks" if distributed and sparsity is not None else "")
-        )
+        rows.append(epoch_row(epoch, train_loss, val_loss, counts, sparsity, lr, reports, started))
+        verified = distributed and sparsity is not None
+        log(describe(rows[-1]) + (f", masks verified on {procs.world_size} ranks" if verified else ""))
 
         ranks = gather_rank_states(rank_state(train_loader, val_loader, device), procs)
         if not procs.is_main:

@@ -4,7 +4,8 @@
 is one item of the list, not a crash) and checks: dataset.json keys and types; every case has all its channels and
 a label; no stray files; numTraining matches; channels and label share shape and affine; images are finite, not
 blank, and free of values extreme enough to collapse z-scoring; labels are integers and declared. ``imagesTs`` (and
-``labelsTs`` if present) get the same checks. What preprocessing would refuse, verify lists first.
+``labelsTs`` if present) get the same checks. Blank images and extreme values are flagged here, with the rest,
+because normalisation would otherwise stop on them one case at a time.
 """
 
 from __future__ import annotations
