@@ -139,11 +139,17 @@ def run_copy(run, tmp_path) -> Path:
 # --------------------------------------------------------------------------- 1. a refused --resume changes nothing
 
 
-def test_a_refused_resume_rewrites_nothing_in_the_run_folder(mni, run_copy, tmp_path, capsys):
-    other = Path(shutil.copytree(mni, tmp_path / "Dataset990_Renamed"))
+def renamed_class(mni: Path, root: Path) -> Path:
+    """The MNI dataset with one class renamed: other plans (another preprocessing hash), the same images."""
+    other = Path(shutil.copytree(mni, root / "Dataset990_Renamed"))
     meta = json.loads((other / "dataset.json").read_text())
     meta["labels"] = {("cortex" if k == "grey_matter" else k): v for k, v in meta["labels"].items()}
     (other / "dataset.json").write_text(json.dumps(meta))
+    return other
+
+
+def test_a_refused_resume_rewrites_nothing_in_the_run_folder(mni, run_copy, tmp_path, capsys):
+    other = renamed_class(mni, tmp_path)
     before = snapshot(run_copy)
     status, err = exit_status(train.main, train_args(other, run_copy, "--resume"), capsys)
     assert snapshot(run_copy) == before  # plans.json and config.json included: predict.py still sees the old run
@@ -180,7 +186,6 @@ def test_verify_flags_values_that_would_collapse_normalisation(tmp_path, change,
 
 
 @pytest.mark.parametrize("extreme", [1e20, -3.4e38], ids=["one-extreme-voxel", "padding-slab"])
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the fingerprint's float32 statistics
 def test_normalisation_stops_rather_than_produce_zeros_or_nan(tmp_path, extreme):
     dataset = synthetic_dataset(tmp_path)
     edit_image(dataset / "imagesTr" / "case_1_0000.nii.gz", lambda a: a.__setitem__((slice(0, 3),), extreme))
@@ -248,6 +253,13 @@ def test_training_again_into_a_run_needs_resume_or_overwrite(mni, run_copy, caps
     assert snapshot(run_copy) == before
     result = train.main(train_args(mni, run_copy, "--overwrite"))
     assert [row["epoch"] for row in result["log"]] == [0]
+
+
+def test_a_fold_of_other_plans_is_refused_in_a_run_with_trained_folds(mni, run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
+    status, err = exit_status(train.main, train_args(renamed_class(mni, tmp_path), run_copy, "--fold", "1"), capsys)
+    assert status == 2 and "fold_0 trained with preprocessing_hash" in err and "delete those folds" in err, err
+    assert snapshot(run_copy) == before
 
 
 # --------------------------------------------------------------------------- 5. folds of another run
@@ -433,3 +445,20 @@ def test_random_byte_damage_is_reported_or_harmless(small_case, file, flips):
         else:
             assert np.array_equal(np.asanyarray(nib.load(dataset / file).dataobj), original)
             assert gzip.decompress(bytes(damaged))  # the whole stream decodes, CRC included
+
+
+# --------------------------------------------------------------------------- the preprocessed cache
+
+
+def test_a_damaged_preprocessed_case_is_named_or_recomputed(tmp_path):
+    import preprocessing
+
+    dataset = synthetic_dataset(tmp_path)
+    plans, report = planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
+    (report.directory / "case_0.json").write_text("{")  # a damaged sidecar: the case is recomputed
+    truncate(report.directory / "case_1.npz")  # a damaged array file whose sidecar still matches
+    _, again = planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
+    assert again.computed == ["case_0"] and again.reused == ["case_1"]
+    assert preprocessing.load_preprocessed_case(report.directory, "case_0").data.shape[0] == 1
+    with pytest.raises(ValueError, match=r"case_1: the preprocessed .*case_1\.npz or case_1\.json is damaged"):
+        preprocessing.load_preprocessed_case(report.directory, "case_1")

@@ -77,7 +77,8 @@ def _intensity_statistics(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:  # no foreground anywhere: CT normalisation would be undefined
         return {key: float("nan") for key in keys}
     p005, median, p995 = np.percentile(values, [0.5, 50.0, 99.5])
-    stats = (values.mean(), median, values.std(), values.min(), values.max(), p005, p995)
+    with np.errstate(over="ignore", invalid="ignore"):  # extreme voxels: verify reports them, normalisation stops
+        stats = (values.mean(), median, values.std(), values.min(), values.max(), p005, p995)
     return {key: float(value) for key, value in zip(keys, stats, strict=True)}
 
 

@@ -12,6 +12,7 @@ plan hash or its source files (size, mtime) change, otherwise reused.
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,7 +275,10 @@ def preprocess_dataset(dataset_dir: Path | str, preprocessed_dir: Path | str, pl
         npz, sidecar = report.directory / f"{case.case_id}.npz", report.directory / f"{case.case_id}.json"
         stamp = _source_stamp(case)
         if npz.is_file() and sidecar.is_file():
-            cached = json.loads(sidecar.read_text())
+            try:
+                cached = json.loads(sidecar.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                cached = {}  # a damaged sidecar: recompute the case
             if cached.get("source") == stamp and cached.get("preprocessing_hash") == plans.preprocessing_hash:
                 report.reused.append(case.case_id)
                 continue
@@ -312,8 +316,14 @@ def load_preprocessed_case(data_dir: Path | str, case_id: str) -> PreprocessedCa
     npz, sidecar = data_dir / f"{case_id}.npz", data_dir / f"{case_id}.json"
     if not npz.is_file():
         raise Problem(f"{case_id}: {npz} not found; run: python examples/e2enet/data.py plan --data DATASET_DIR")
-    with np.load(npz) as arrays:
-        locations = {int(k.split("_")[1]): arrays[k] for k in arrays.files if k.startswith("locations_")}
-        mask = arrays["nonzero_mask"] if "nonzero_mask" in arrays.files else None
-        properties = json.loads(sidecar.read_text())
-        return PreprocessedCase(case_id, arrays["data"], arrays["seg"], mask, locations, properties)
+    try:
+        with np.load(npz) as arrays:  # reading a member checks its zip CRC
+            locations = {int(k.split("_")[1]): arrays[k] for k in arrays.files if k.startswith("locations_")}
+            mask = arrays["nonzero_mask"] if "nonzero_mask" in arrays.files else None
+            properties = json.loads(sidecar.read_text())
+            return PreprocessedCase(case_id, arrays["data"], arrays["seg"], mask, locations, properties)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as error:  # JSONDecodeError: a ValueError
+        raise Problem(
+            f"{case_id}: the preprocessed {npz} or {sidecar.name} is damaged ({type(error).__name__}: {error}); "
+            "delete both and run train.py or data.py plan again to recompute them"
+        ) from error

@@ -1,7 +1,7 @@
 """Train E2ENet with dynamic sparse feature fusion on an nnU-Net-layout dataset.
 
     python examples/e2enet/train.py --data DATASET_DIR --out RUN_DIR --fold 0 --density 0.2 --preset cpu-demo
-        [--epochs E] [--iters-per-epoch N] [--update-every K] [--resume] [--static] [--no-progress]
+        [--epochs E] [--iters-per-epoch N] [--update-every K] [--resume | --overwrite] [--static] [--no-progress]
         [--arch e2enet|dynunet] [--no-amp]
     torchrun --nproc_per_node N examples/e2enet/train.py ...   (same flags; DDP, nccl on GPUs, gloo on CPU)
 
