@@ -21,6 +21,7 @@ RESUME_KEYS = (
     "fold",
     "density",
     "static",
+    "granularity",
     "epochs",
     "iters_per_epoch",
     "update_every",

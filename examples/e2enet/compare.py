@@ -39,6 +39,9 @@ SETTINGS = {  # row name -> train.py flags
     "E2ENet DSFF 0.2": ["--density", "0.2"],
     "E2ENet DSFF 0.1": ["--density", "0.1"],
     "E2ENet static 0.1": ["--density", "0.1", "--static"],
+    # Structured DSFF: whole input channels, which sparsefuse.compact removes at inference.
+    "E2ENet DSFF input-channel 0.2": ["--density", "0.2", "--granularity", "input_channel"],
+    "E2ENet DSFF input-channel 0.1": ["--density", "0.1", "--granularity", "input_channel"],
     "DynUNet (nnU-Net)": ["--arch", "dynunet", "--density", "1.0"],
 }
 DEFAULT_SETTINGS = ["E2ENet dense", "E2ENet DSFF 0.2", "E2ENet DSFF 0.1", "E2ENet static 0.1", "DynUNet (nnU-Net)"]

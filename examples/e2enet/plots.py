@@ -19,12 +19,13 @@ def fusion_connection_proportions(model, sparsity) -> dict[str, dict[str, float]
     proportions = {}
     if sparsity is None:
         return proportions
-    masks = sparsity.masks  # a copy of every mask: take it once
+    targets = set(sparsity.target_names)
     for key, node in model.fusion.items():
         name = f"fusion.{key}.convs.0.conv.weight"
-        if name not in masks:
+        if name not in targets:
             continue
-        per_input = masks[name].sum(0)  # active kernels per input channel
+        # Active (c_out, c_in) kernels per input channel, whatever the granularity of the mask.
+        per_input = sparsity.weight_mask(name).flatten(2)[:, :, 0].sum(0)
         c = node.up.out_channels
         flows = {"forward": per_input[:c].sum(), "up": per_input[c : 2 * c].sum(), "down": per_input[2 * c :].sum()}
         total = float(per_input.sum())

@@ -22,7 +22,7 @@ CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
 # What train.py writes into RUN_DIR/fold_F: what --overwrite replaces and what makes a fold "already trained".
 FOLD_OUTPUTS = (*CHECKPOINTS, "log.csv", "progress.png", "fusion_connections.png", "fusion_connections.json")
 # What predict.py needs to rebuild the network (MODEL_KEYS) and to feed it what it was trained on.
-MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options")
+MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options", "granularity")
 RUN_KEYS = (*MODEL_KEYS, "preprocessing_hash", "patch_size")
 
 
@@ -34,6 +34,7 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "fold": str(args.fold),
         "density": args.density,
         "static": args.static,
+        "granularity": args.granularity,
         "epochs": args.epochs,
         "iters_per_epoch": args.iters_per_epoch,
         "update_every": args.update_every,

@@ -86,6 +86,7 @@ PRESET_RUNS = {
 LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12.0
 DROP_FRACTION = 0.5  # the paper's death rate alpha
 PAPER_UPDATE_EVERY = 1200
+GRANULARITIES = ("kernel", "input_channel")
 
 
 def model_option(text: str) -> tuple[str, object]:
@@ -147,6 +148,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="override an E2ENet constructor argument of the preset (repeatable), e.g. stem=shift base_channels=8",
     )
     p.add_argument("--static", action="store_true", help="fixed random mask: the static-sparsity ablation")
+    p.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default="kernel",
+        help="what one mask bit of a fusion layer switches: a (c_out, c_in) kernel (the paper) or a whole input "
+        "channel (structured: sparsefuse.compact removes it at inference)",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
     again.add_argument("--overwrite", action="store_true", help="replace a fold already trained in RUN_DIR")
@@ -163,8 +171,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--fold must be 0-4 or 'all', got {args.fold!r}")
     if not 0.0 < args.density <= 1.0:
         p.error(f"--density must be in (0, 1], got {args.density}")
-    if args.arch != "e2enet" and (args.density < 1.0 or args.static):
-        p.error("--density < 1 and --static sparsify E2ENet's fusion layers; use them with --arch e2enet")
+    if args.arch != "e2enet" and (args.density < 1.0 or args.static or args.granularity != "kernel"):
+        p.error(
+            "--density < 1, --static and --granularity sparsify E2ENet's fusion layers; use them with --arch e2enet"
+        )
     if args.epochs < 1 or args.iters_per_epoch < 1:
         p.error("--epochs and --iters-per-epoch must be positive")
     if args.grace_updates < 0:
@@ -230,7 +240,7 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
         optimizer,
         density=args.density,
         targets=e2enet_fusion_targets,
-        granularity="kernel",
+        granularity=args.granularity,
         scorer=sf.scorers.L1(),
         growth=sf.growth.Random(),
         schedule=schedule,
