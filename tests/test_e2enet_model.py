@@ -4,6 +4,7 @@ Published numbers: arXiv 2312.04727 Tables 1-3; the counting rule and the dense
 breakdown are in docs/authors-code.md. Paper-size models are built on the meta
 device; real forwards use the tiny cpu-demo preset.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,8 +69,7 @@ PUBLISHED = [
 
 
 @pytest.mark.parametrize("dataset, patch, density, override, params, params_m, flops_g, mdice, pt", PUBLISHED)
-def test_published_params_flops_and_pt(models, dataset, patch, density, override, params, params_m, flops_g,
-                                       mdice, pt):
+def test_published_params_flops_and_pt(models, dataset, patch, density, override, params, params_m, flops_g, mdice, pt):
     model = models[dataset]
     result = acc.account(model, patch, acc.uniform_kernel_sparsity(model, density, override))
     assert result["params"] == params
@@ -110,8 +110,13 @@ def test_live_dynamic_sparsity_gives_the_same_counts():
     torch.manual_seed(0)
     model = build_e2enet("paper", **AMOS)
     names48 = [f"{n}.weight" for n, m in fusion_targets(model) if m.weight.shape[0] == 48]
-    sparsity = sf.DynamicSparsity(model, None, density={"default": 0.3, **{n: 0.2 for n in names48}},
-                                  targets=e2enet_fusion_targets, granularity="kernel")
+    sparsity = sf.DynamicSparsity(
+        model,
+        None,
+        density={"default": 0.3, **{n: 0.2 for n in names48}},
+        targets=e2enet_fusion_targets,
+        granularity="kernel",
+    )
     result = acc.account(model, P128, sparsity)
     assert result["params"] == 11_229_255
     assert result["flops"] / 1e9 == pytest.approx(969.32, abs=0.005)
@@ -134,8 +139,14 @@ def test_dense_breakdown_matches_the_authors(models):
             groups["fusion_conv"] += p.numel()
         else:
             groups["heads"] += p.numel()
-    assert groups == {"encoder": 5_804_208, "fusion_conv": 13_360_896, "up": 4_706_304, "heads": 10_496,
-                      "bias": 2_592 + 3_136, "norm": 5_184 + 6_272}
+    assert groups == {
+        "encoder": 5_804_208,
+        "fusion_conv": 13_360_896,
+        "up": 4_706_304,
+        "heads": 10_496,
+        "bias": 2_592 + 3_136,
+        "norm": 5_184 + 6_272,
+    }
 
 
 def test_fusion_targets_are_20_convs_and_15_transposed_convs(models):
@@ -176,8 +187,12 @@ def test_paper_output_shapes_train_and_eval(models):
     x = torch.empty(2, 1, 64, 64, 64, device="meta")
     model.train()
     outs = model(x)
-    assert [tuple(o.shape) for o in outs] == [(2, 16, 64, 64, 64), (2, 16, 32, 32, 32), (2, 16, 16, 16, 16),
-                                              (2, 16, 8, 8, 8)]
+    assert [tuple(o.shape) for o in outs] == [
+        (2, 16, 64, 64, 64),
+        (2, 16, 32, 32, 32),
+        (2, 16, 16, 16, 16),
+        (2, 16, 8, 8, 8),
+    ]
     model.eval()
     assert tuple(model(x).shape) == (2, 16, 64, 64, 64)
     model.train()
@@ -224,22 +239,43 @@ def test_shift_options():
         return [m for n, m in model.named_modules() if isinstance(m, nn.Conv3d) and not n.startswith("heads")]
 
     with torch.device("meta"):
-        plain = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=False)
-        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift_groups=5)
-        height = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift_dim=3)
+        # stem="shift": every conv a shift conv, as the authors build it (the cpu-demo stem is a 3x3x3 conv)
+        plain = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=False, stem="shift")
+        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift_groups=5, stem="shift")
+        height = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift_dim=3, stem="shift")
     assert all(type(m) is nn.Conv3d and m.kernel_size == (1, 3, 3) for m in convs(plain))
     assert all(isinstance(m, sf.nn.DepthShiftConv3d) and m.shift_groups == 5 for m in convs(five))
     assert all(m.kernel_size == (3, 1, 3) and m.padding == (1, 0, 1) and m.shift_dim == 3 for m in convs(height))
+
+
+def test_stem_options_choose_the_conv_that_reads_the_image():
+    with torch.device("meta"):
+        stems = {
+            stem: build_e2enet("cpu-demo", in_channels=1, num_classes=2, stem=stem).encoder[0][0].conv
+            for stem in ("shift", "plain", "full")
+        }
+        paper = build_e2enet("paper", in_channels=1, num_classes=2).encoder[0][0].conv
+        demo = build_e2enet("cpu-demo", in_channels=1, num_classes=2)
+    assert isinstance(stems["shift"], sf.nn.DepthShiftConv3d) and stems["shift"].kernel_size == (1, 3, 3)
+    assert isinstance(paper, sf.nn.DepthShiftConv3d)  # the paper preset is the authors' network
+    assert type(stems["plain"]) is nn.Conv3d and stems["plain"].kernel_size == (1, 3, 3)
+    assert type(stems["full"]) is nn.Conv3d and stems["full"].kernel_size == (3, 3, 3)
+    assert stems["full"].padding == (1, 1, 1)
+    assert type(demo.encoder[0][0].conv) is nn.Conv3d and demo.encoder[0][0].conv.kernel_size == (3, 3, 3)
+    # Only the stem changes: the second conv of level 0 is still a shift conv.
+    assert isinstance(demo.encoder[0][1].conv, sf.nn.DepthShiftConv3d)
+    with pytest.raises(ValueError, match="stem must be one of"):
+        build_e2enet("cpu-demo", in_channels=1, num_classes=2, stem="wide")
 
 
 def test_init_kaiming_normal_and_zero_biases():
     torch.manual_seed(0)
     model = build_e2enet("cpu-demo", in_channels=1, num_classes=2)
     gain = math.sqrt(2.0 / (1 + 0.01**2))
-    conv = model.encoder[3][1].conv  # 64 -> 64, fan-in 64 * 9
-    assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(64 * 9), rel=0.05)
-    up = model.fusion["2_1"].up  # ConvTranspose3d 64 -> 32: torch's fan-in is weight dim 1 x 8 = 256
-    assert up.weight.std().item() == pytest.approx(gain / math.sqrt(32 * 8), rel=0.05)
+    conv = model.encoder[3][1].conv  # 96 -> 96, fan-in 96 * 9
+    assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(96 * 9), rel=0.05)
+    up = model.fusion["2_1"].up  # ConvTranspose3d 96 -> 48: torch's fan-in is weight dim 1 x 8 = 384
+    assert up.weight.std().item() == pytest.approx(gain / math.sqrt(48 * 8), rel=0.05)
     assert all(m.bias is None or not m.bias.any() for m in model.modules() if isinstance(m, nn.Conv3d))
 
 
@@ -272,8 +308,23 @@ def test_bad_construction_arguments():
 
 # --------------------------------------------------------------------------------------------------- CLI
 def test_cli_json(capsys):
-    result = acc.main(["--in-channels", "1", "--classes", "16", "--patch", "128", "128", "128",
-                       "--density", "0.1", "--mdice", "89.9", "--json"])
+    result = acc.main(
+        [
+            "--in-channels",
+            "1",
+            "--classes",
+            "16",
+            "--patch",
+            "128",
+            "128",
+            "128",
+            "--density",
+            "0.1",
+            "--mdice",
+            "89.9",
+            "--json",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
     assert printed["params"] == 7_638_615 and printed["dense"]["params"] == 23_899_088
@@ -294,6 +345,10 @@ def test_cli_runs_as_a_script():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, str(EXAMPLE / "accounting.py"), "--density", "0.2", "--json"],
-        capture_output=True, text=True, env=env, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
     ).stdout
     assert json.loads(out)["params"] == 9_445_351
