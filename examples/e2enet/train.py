@@ -71,10 +71,9 @@ PRESET_RUNS = {
         patch_voxel_budget=128**3,
         batch_voxel_budget=2 * 128**3,
         augment="nnunet",
-        grace_updates=0,
     ),
     # A few thousand iterations at most: the recipe measured to learn best there (docs/e2enet.md, "Accuracy at CPU
-    # budgets"): no augmentation, and regrown kernels protected for one update.
+    # budgets"): no augmentation.
     "cpu-demo": dict(
         epochs=24,
         iters_per_epoch=25,
@@ -82,7 +81,6 @@ PRESET_RUNS = {
         patch_voxel_budget=48**3,
         batch_voxel_budget=2 * 48**3,
         augment="none",
-        grace_updates=1,
     ),
 }
 LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12.0
@@ -122,8 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--grace-updates",
         type=int,
-        default=None,
-        help="regrown kernels cannot be dropped at the next N updates (default: paper 0, cpu-demo 1)",
+        default=0,
+        help="regrown kernels cannot be dropped at the next N updates (default 0; read docs/e2enet.md first)",
     )
     p.add_argument(
         "--augment",
