@@ -1,179 +1,391 @@
-"""E2ENet against MONAI DynUNet (nnU-Net 3d_fullres) on CPU: inference forward and one training step.
+"""E2ENet, masked and compacted (examples/e2enet/compaction.py), against MONAI DynUNet (nnU-Net 3d_fullres) on CPU.
 
-Cases, all interleaved in one process (see ``common.interleaved``):
+Sections; within each, all cases run interleaved in one process on the same inputs (``common.interleaved``):
 
-* inference: eval mode, ``torch.no_grad()``, input 1 x 1 x P^3 (P = --patch, 64 by default), E2ENet at density 1.0
-  and with kernel masks at density 0.2 on its fusion weights (``e2enet_fusion_targets``), each in contiguous and
-  channels_last_3d memory format, against DynUNet (contiguous) at the same preset scale;
-* training step: forward, loss = sum of the deep-supervision outputs' mean squares, backward, SGD step (nnU-Net's
-  momentum 0.99 Nesterov, weight decay 3e-5), and ``sparsity.step()`` for the masked model, at batch 2 x 1 x P^3.
+1. where the time goes: one forward of the dense E2ENet and of its compacted copy at input-channel density 0.1
+   (paper preset, 1 x 1 x 64^3) under torch.profiler, by kind of work;
+2. splitting a fusion conv over its inputs (a sum of convs over the concatenated parts) against one conv over the
+   assembled input, for fusion node x(0, 1) of the paper preset at 64^3;
+3. inference, paper presets, eval, no grad, batch 1, 1 x 64^3: DynUNet and dense E2ENet (contiguous and
+   channels_last_3d), the compacted copies at density 1.0 (every channel kept: the lean dense path), 0.2 and 0.1;
+4. inference at 1 x 128^3: DynUNet against the compacted copies at 0.2 and 0.1 (few repeats: ~8 s a call);
+5. cpu-demo presets: inference at 1 x 32^3 in both memory formats, and one training step (forward, loss = sum
+   of the deep-supervision outputs' mean squares, backward, nnU-Net's SGD, ``sparsity.step()`` for the masked
+   model) at batch 2 x 32^3: training runs the masked model (compaction is for inference);
+6. checkpoint sizes at the paper preset: dense state dicts against ``sparse_state_dict`` (masks + active weights)
+   at density 0.1, kernel and input-channel masks, and the compacted model's state dict.
 
-Masks are zeros in dense weight tensors: there are no sparse kernels, so density 0.2 costs the same dense compute as
-density 1.0 (its train step adds only the re-masking in ``sparsity.step()``). The table shows that as it is.
+Masks are random (a sparsifier without training): the cost depends on how many channels each layer keeps, not on
+which. "compacted d" = ``compact_e2enet`` of the E2ENet with input-channel masks at density d on its fusion convs
+and transposed convs (``e2enet_fusion_targets``); the masked model itself runs at dense speed (zeros in dense
+tensors).
 
-The paper preset's training step at 2 x 64^3 took 22-25 s for E2ENet (DynUNet: 6 s) on 2 quiet CPU cores (AMD EPYC,
-torch 2.13), over the ~20 s a bench step can take, so training steps use the cpu-demo presets by default
-(``--train-preset``); the output says which preset each part used.
+OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=PASSIVE unless set otherwise): on a machine
+shared with other processes, spinning workers lose their core at every barrier, which made 2-thread times 1.7x
+(DynUNet) to 4x (compacted E2ENet, many small ops) slower than 1-thread times in measurement.
 
-    python bench/bench_e2enet.py [--quick] [--threads 2] [--patch 64] [--preset paper] [--train-preset cpu-demo]
+    python bench/bench_e2enet.py [--quick] [--threads 2]
 """
+
 from __future__ import annotations
 
-import argparse
-import copy
 import os
-import sys
-from pathlib import Path
 
-import torch
-from torch import nn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
-import sparsefuse as sf
-from common import interleaved, machine
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import io  # noqa: E402
+import sys  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from common import interleaved, machine  # noqa: E402
+from torch import nn  # noqa: E402
+
+import sparsefuse as sf  # noqa: E402
+from sparsefuse.compact import sparse_state_dict  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "e2enet"))
+from compaction import compact_e2enet, e2enet_compaction_plan  # noqa: E402
 from model import build_dynunet, build_e2enet, e2enet_fusion_targets, output_list  # noqa: E402
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
-DENSITY = 0.2
-# Reported in the issue for the authors' E2ENet build and for DynUNet, inference on 1 x 64^3 with 2 CPU threads.
-# Another machine and another code base: context only, never measured by this script.
-ISSUE_E2ENET_S, ISSUE_DYNUNET_S = 2.72, 0.56
-FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+DENSITIES = (0.2, 0.1)
+CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last_3d
+FORMAT_NAMES = {CONTIGUOUS: "contiguous", CHANNELS_LAST: "channels_last_3d"}
+# Kind of work of each operator called from Python (torch.profiler's top-level events).
+KINDS = {
+    "convolution": ("aten::conv3d", "aten::mkldnn_convolution", "aten::convolution"),
+    "transposed conv (up)": ("aten::conv_transpose3d", "aten::matmul", "aten::reshape"),
+    "instance norm": (
+        "aten::instance_norm",
+        "aten::batch_norm",
+        "aten::sum",
+        "aten::sub",
+        "aten::square_",
+        "aten::addcmul",
+        "aten::rsqrt",
+        "aten::mul",
+        "aten::add",
+        "aten::div",
+        "aten::neg",
+    ),
+    "shift / concat / gather copies": (
+        "_DepthShiftFn",
+        "aten::cat",
+        "aten::copy_",
+        "aten::zero_",
+        "aten::index",
+        "aten::index_select",
+        "aten::empty",
+        "aten::empty_like",
+    ),
+    "max pool": ("aten::max_pool3d",),
+    "LeakyReLU": ("aten::leaky_relu_",),
+}
+
+
+def load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def e2enet(preset: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES).eval()
+
+
+def dynunet(preset: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_dynunet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES).eval()
+
+
+def input_channel_masks(model: nn.Module, density: float, optimizer=None) -> sf.DynamicSparsity:
+    """Random input-channel masks on the fusion weights of ``model`` (zeroed in place)."""
+    return sf.DynamicSparsity(
+        model, optimizer, density=density, targets=e2enet_fusion_targets, granularity="input_channel"
+    )
+
+
+def compacted(dense: nn.Module, density: float, fmt: torch.memory_format = CHANNELS_LAST) -> nn.Module:
+    masked = copy.deepcopy(dense)
+    return compact_e2enet(masked, input_channel_masks(masked, density), fmt)
+
+
+def gflops(arch: str, patch: int, plan: dict | None = None) -> float:
+    """2 x the multiply-accumulates of the convs and transposed convs of one eval forward at 1 x patch^3; with a
+    compaction plan, of the channels the compacted E2ENet keeps (counted on the meta device: shapes only)."""
+    shape = (1, IN_CHANNELS, patch, patch, patch)
+    with torch.device("meta"):
+        model = (dynunet if arch == "DynUNet" else e2enet)("paper")
+    if plan is None:
+        return float(sf.count_flops(model, shape, convention="macs")) / 1e9
+    total = 0.0
+
+    def count(name: str):
+        def hook(module, inputs, output):
+            nonlocal total
+            # A transposed conv with kernel == stride does one multiply-add per output voxel and channel pair.
+            taps = module.weight[0, 0].numel() if type(module) is not nn.ConvTranspose3d else 1
+            total += 2 * output[0, 0].numel() * plan[name].kept_in * plan[name].kept_out * taps
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name in plan:
+            module.register_forward_hook(count(name))
+    with torch.no_grad():
+        model(torch.empty(shape, device="meta"))
+    return total / 1e9
+
+
+def compacted_gflops(patch: int) -> str:
+    dense = e2enet("paper")
+    parts = []
+    for density in DENSITIES:
+        masked = copy.deepcopy(dense)
+        plan = e2enet_compaction_plan(masked, input_channel_masks(masked, density))
+        parts.append(f"compacted {density} {gflops('E2ENet', patch, plan):.0f} G")
+    return (
+        f"  conv cost (2 x MACs): DynUNet {gflops('DynUNet', patch):.0f} G, E2ENet dense "
+        f"{gflops('E2ENet', patch):.0f} G, " + ", ".join(parts)
+    )
+
+
+def forward(model: nn.Module, x: torch.Tensor):
+    def run():
+        with torch.no_grad():
+            model(x)
+
+    return run
+
+
+def table(title: str, times: dict, reference: tuple, second: tuple | None = None) -> None:
+    """One row per case: ms and the ratio of its time to ``reference``'s (and to ``second``'s)."""
+    refs = [reference] + ([second] if second else [])
+    print(f"\n{title}")
+    print("  | model | memory format | ms | " + " | ".join(f"vs {' '.join(r)}" for r in refs) + " |")
+    print("  |---|---|---|" + "---|" * len(refs))
+    for (model, fmt), seconds in times.items():
+        ratios = " | ".join(f"{seconds / times[r]:.2f}x" for r in refs)
+        print(f"  | {model} | {fmt} | {seconds * 1e3:.1f} | {ratios} |")
+
+
+def breakdown(models: dict[str, nn.Module], x: torch.Tensor) -> None:
+    print(f"\n1. Where the time goes: one forward, paper preset, input {tuple(x.shape)}, torch.profiler, ms by kind")
+    shares = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            model(x)  # warm-up: oneDNN primitives are created on the first call
+            with torch.profiler.profile() as prof:
+                model(x)
+        totals = defaultdict(float)
+        for event in prof.events():
+            if event.cpu_parent is None:
+                kind = next((k for k, names in KINDS.items() if event.name in names), "other")
+                totals[kind] += event.cpu_time_total / 1e3
+        shares[name] = totals
+    names = list(models)
+    print(f"  | {'kind of work':<32} | " + " | ".join(f"{n:>26}" for n in names) + " |")
+    print(f"  |{'-' * 34}|" + "|".join("-" * 28 for _ in names) + "|")
+    for kind in [*KINDS, "other"]:
+        cells = []
+        for n in names:
+            total = sum(shares[n].values())
+            cells.append(f"{shares[n][kind]:>10.0f} ms ({shares[n][kind] / total:>5.1%})".rjust(26))
+        print(f"  | {kind:<32} | " + " | ".join(cells) + " |")
+    print(f"  | {'total':<32} | " + " | ".join(f"{sum(shares[n].values()):>10.0f} ms".rjust(26) for n in names) + " |")
+
+
+def split_conv_cases(density: float) -> dict:
+    """Fusion node x(0, 1) of the paper preset at 64^3, reading ``density`` of each of its two 48-channel inputs
+    (same level, upsampled): one conv over the input assembled with its depth shifts, against the sum of one conv
+    per part (each part still needs its shifted copy)."""
+    torch.manual_seed(0)
+    c, size = 48, 64
+    read = max(1, round(density * c))
+    same, up = torch.randn(1, c, size, size, size), torch.randn(1, c, size, size, size)
+    weight, bias = torch.randn(c, 2 * read, 1, 3, 3), torch.randn(c)
+    picked = torch.randperm(c)[:read].sort().values.tolist()
+    group = -(-2 * c // 3)  # DepthShiftConv3d's three chunks over the 2c concatenated channels: shifts -1, 0, +1
+
+    def shifted(part: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
+        for k, ch in enumerate(picked):
+            s, dst, src = (offset + ch) // group - 1, out[:, k], part[:, ch]
+            if s > 0:
+                dst[:, s:], dst[:, :s] = src[:, :-s], 0
+            elif s < 0:
+                dst[:, :s], dst[:, s:] = src[:, -s:], 0
+            else:
+                dst.copy_(src)
+        return out
+
+    def conv(x, w, b):
+        return torch.mkldnn_convolution(x, w, b, (0, 1, 1), (1, 1, 1), (1, 1, 1), 1)
+
+    def one_conv():
+        assembled = torch.empty(1, 2 * read, size, size, size)
+        shifted(same, 0, assembled[:, :read])
+        shifted(up, c, assembled[:, read:])
+        conv(assembled, weight, bias)
+
+    def split():
+        parts = [shifted(p, o, torch.empty(1, read, size, size, size)) for p, o in ((same, 0), (up, c))]
+        conv(parts[0], weight[:, :read], bias).add_(conv(parts[1], weight[:, read:], None))
+
+    label = f"{read} + {read} channels read"
+    return {(label, "one conv over the assembled input"): one_conv, (label, "sum of per-part convs"): split}
+
+
+def inference_64(args) -> None:
+    dense_e2e, base = e2enet("paper"), dynunet("paper")
+    x = torch.randn(1, IN_CHANNELS, 64, 64, 64)
+    x_cl = x.contiguous(memory_format=CHANNELS_LAST)
+    cases = {}
+    for fmt, xf in ((CONTIGUOUS, x), (CHANNELS_LAST, x_cl)):
+        cases[("DynUNet", FORMAT_NAMES[fmt])] = forward(copy.deepcopy(base).to(memory_format=fmt), xf)
+        cases[("E2ENet dense", FORMAT_NAMES[fmt])] = forward(copy.deepcopy(dense_e2e).to(memory_format=fmt), xf)
+    for density in (1.0, *DENSITIES):
+        for fmt in (CHANNELS_LAST, CONTIGUOUS) if density in (1.0, 0.1) else (CHANNELS_LAST,):
+            cases[(f"compacted {density}", FORMAT_NAMES[fmt])] = forward(compacted(dense_e2e, density, fmt), x)
+    times = interleaved(cases, args.repeats_64, warmup=1)
+    table(
+        f"3. Inference, paper presets, 1 x {IN_CHANNELS} x 64^3, {NUM_CLASSES} classes, median of "
+        f"{args.repeats_64} (load {load()})",
+        times,
+        ("DynUNet", "contiguous"),
+        ("E2ENet dense", "contiguous"),
+    )
+    print(compacted_gflops(64))
+
+
+def inference_128(args) -> None:
+    dense_e2e, base = e2enet("paper"), dynunet("paper")
+    x = torch.randn(1, IN_CHANNELS, 128, 128, 128)
+    cases = {("DynUNet", "contiguous"): forward(base, x)}
+    for density in DENSITIES:
+        cases[(f"compacted {density}", "channels_last_3d")] = forward(compacted(dense_e2e, density), x)
+    del dense_e2e
+    times = interleaved(cases, args.repeats_128, warmup=1)
+    table(
+        f"4. Inference, paper presets, 1 x {IN_CHANNELS} x 128^3, median of {args.repeats_128} (load {load()})",
+        times,
+        ("DynUNet", "contiguous"),
+    )
+    ratio = times[("compacted 0.1", "channels_last_3d")] / times[("DynUNet", "contiguous")]
+    print(compacted_gflops(128))
+    print(
+        f"  target: compacted 0.1 >= 1.3x faster than DynUNet (<= 0.77x its time): {1 / ratio:.2f}x faster, "
+        f"{'met' if ratio <= 1 / 1.3 else 'missed'}"
+    )
 
 
 def nnunet_sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
 
 
-def e2enet_pair(preset: str) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, sf.DynamicSparsity]:
-    """(dense E2ENet, a copy with fusion kernel masks at DENSITY, the copy's optimizer, its sparsifier)."""
-    torch.manual_seed(0)
-    dense = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
-    masked = copy.deepcopy(dense)
-    optimizer = nnunet_sgd(masked)
-    sparsity = sf.DynamicSparsity(masked, optimizer, density=DENSITY, targets=e2enet_fusion_targets,
-                                  granularity="kernel")
-    return dense, masked, optimizer, sparsity
+def train_step(model: nn.Module, fmt: torch.memory_format, x: torch.Tensor, density: float | None):
+    model = copy.deepcopy(model).to(memory_format=fmt).train()
+    optimizer = nnunet_sgd(model)
+    sparsity = None if density is None else input_channel_masks(model, density, optimizer)
+    xf = x.contiguous(memory_format=fmt)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = sum(o.float().square().mean() for o in output_list(model(xf)))
+        loss.backward()
+        optimizer.step()
+        if sparsity is not None:
+            sparsity.step()
+
+    return run
 
 
-def dynunet(preset: str) -> nn.Module:
-    torch.manual_seed(0)
-    return build_dynunet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
-
-
-def zero_fraction(model: nn.Module) -> float:
-    weights = [p for n, p in model.named_parameters() if "fusion" in n.split(".") and n.endswith("weight")
-               and p.dim() == 5]
-    return sum(int((p == 0).sum()) for p in weights) / sum(p.numel() for p in weights)
-
-
-def inference_cases(preset: str, patch: int) -> tuple[dict, float]:
-    dense, masked, _, _ = e2enet_pair(preset)
-    base = dynunet(preset)
+def cpu_demo(args) -> None:
+    dense_e2e, base = e2enet("cpu-demo"), dynunet("cpu-demo")
+    x = torch.randn(1, IN_CHANNELS, 32, 32, 32)
     cases = {}
-    for model in (dense, masked, base):
-        model.eval()
-    x = torch.randn(1, IN_CHANNELS, patch, patch, patch)
-
-    def forward(model: nn.Module, fmt: torch.memory_format):
-        model = copy.deepcopy(model).to(memory_format=fmt)
+    for fmt in (CONTIGUOUS, CHANNELS_LAST):
         xf = x.contiguous(memory_format=fmt)
+        cases[("DynUNet", FORMAT_NAMES[fmt])] = forward(copy.deepcopy(base).to(memory_format=fmt), xf)
+        cases[("E2ENet dense", FORMAT_NAMES[fmt])] = forward(copy.deepcopy(dense_e2e).to(memory_format=fmt), xf)
+        cases[("compacted 0.1", FORMAT_NAMES[fmt])] = forward(compacted(dense_e2e, 0.1, fmt), x)
+    times = interleaved(cases, args.repeats_demo, warmup=2)
+    table(
+        f"5a. Inference, cpu-demo presets, 1 x {IN_CHANNELS} x 32^3, median of {args.repeats_demo} (load {load()})",
+        times,
+        ("DynUNet", "contiguous"),
+        ("E2ENet dense", "contiguous"),
+    )
 
-        def run():
-            with torch.no_grad():
-                model(xf)
-        return run
-
-    cases[("DynUNet", "1.0", "contiguous")] = forward(base, torch.contiguous_format)
-    for fmt_name, fmt in FORMATS.items():
-        cases[("E2ENet", "1.0", fmt_name)] = forward(dense, fmt)
-        cases[("E2ENet", f"{DENSITY}", fmt_name)] = forward(masked, fmt)
-    return cases, zero_fraction(masked)
-
-
-def train_cases(preset: str, patch: int) -> dict:
-    dense, masked, _, _ = e2enet_pair(preset)
-    base = dynunet(preset)
-    x = torch.randn(2, IN_CHANNELS, patch, patch, patch)
-
-    def train_step(model: nn.Module, fmt: torch.memory_format, sparse: bool):
-        model = copy.deepcopy(model).to(memory_format=fmt).train()
-        optimizer = nnunet_sgd(model)
-        # Rebuilt on the copy so it masks this optimizer's state; same seed, so the same masks as `masked`.
-        sparsity = sf.DynamicSparsity(model, optimizer, density=DENSITY, targets=e2enet_fusion_targets,
-                                      granularity="kernel") if sparse else None
-        xf = x.contiguous(memory_format=fmt)
-
-        def run():
-            optimizer.zero_grad(set_to_none=True)
-            loss = sum(o.float().square().mean() for o in output_list(model(xf)))
-            loss.backward()
-            optimizer.step()
-            if sparsity is not None:
-                sparsity.step()
-        return run
-
-    cases = {("DynUNet", "1.0", "contiguous"): train_step(base, torch.contiguous_format, False)}
-    for fmt_name, fmt in FORMATS.items():
-        cases[("E2ENet", "1.0", fmt_name)] = train_step(dense, fmt, False)
-        cases[("E2ENet", f"{DENSITY}", fmt_name)] = train_step(masked, fmt, True)
-    return cases
+    x = torch.randn(2, IN_CHANNELS, 32, 32, 32)
+    cases = {}
+    for fmt in (CONTIGUOUS, CHANNELS_LAST):
+        cases[("DynUNet", FORMAT_NAMES[fmt])] = train_step(base, fmt, x, None)
+        cases[("E2ENet dense", FORMAT_NAMES[fmt])] = train_step(dense_e2e, fmt, x, None)
+        cases[("E2ENet masked 0.1", FORMAT_NAMES[fmt])] = train_step(dense_e2e, fmt, x, 0.1)
+    times = interleaved(cases, args.repeats_demo, warmup=1)
+    table(
+        f"5b. Training step (fwd + bwd + SGD [+ sparsity.step()]), cpu-demo presets, batch 2 x {IN_CHANNELS} x "
+        f"32^3, input-channel masks, median of {args.repeats_demo} (load {load()})",
+        times,
+        ("DynUNet", "contiguous"),
+        ("E2ENet dense", "contiguous"),
+    )
 
 
-def report(title: str, t: dict) -> None:
-    ref = t[("DynUNet", "1.0", "contiguous")]
-    print(f"\n{title}")
-    print(f"  | {'model':<8} | {'density':>7} | {'memory format':<16} | {'ms':>9} | {'vs DynUNet':>10} | "
-          f"{'vs dense E2ENet':>15} |")
-    print(f"  |{'-' * 10}|{'-' * 9}|{'-' * 18}|{'-' * 11}|{'-' * 12}|{'-' * 17}|")
-    for (model, density, fmt), seconds in t.items():
-        dense = t.get(("E2ENet", "1.0", fmt)) if model == "E2ENet" and density != "1.0" else None
-        vs_dense = f"{seconds / dense:.3f}x" if dense else ""
-        print(f"  | {model:<8} | {density:>7} | {fmt:<16} | {seconds * 1e3:>9.1f} | {seconds / ref:>9.2f}x | "
-              f"{vs_dense:>15} |")
+def saved_mb(obj) -> float:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell() / 1e6
+
+
+def checkpoint_sizes() -> None:
+    dense_e2e = e2enet("paper")
+    rows = {
+        "DynUNet state_dict": saved_mb(dynunet("paper").state_dict()),
+        "E2ENet dense state_dict": saved_mb(dense_e2e.state_dict()),
+    }
+    for granularity in ("kernel", "input_channel"):
+        masked = copy.deepcopy(dense_e2e)
+        sparsity = sf.DynamicSparsity(masked, None, density=0.1, targets=e2enet_fusion_targets, granularity=granularity)
+        state = sparse_state_dict(masked, sparsity)
+        rows[f"E2ENet sparse_state_dict, {granularity} masks 0.1"] = saved_mb(state)
+        rows[f"  of which masks ({granularity})"] = saved_mb(state["masks"])
+        if granularity == "input_channel":
+            rows["E2ENet compacted 0.1 state_dict"] = saved_mb(compact_e2enet(masked, sparsity).state_dict())
+    reference = rows["DynUNet state_dict"]
+    print("\n6. Checkpoint size, paper presets, torch.save (MB = 10^6 bytes)")
+    print(f"  | {'checkpoint':<52} | {'MB':>7} | {'vs DynUNet':>10} |")
+    print(f"  |{'-' * 54}|{'-' * 9}|{'-' * 12}|")
+    for name, mb in rows.items():
+        print(f"  | {name:<52} | {mb:>7.2f} | {mb / reference:>9.3f}x |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller train patch (a smoke "
-                                                                 "run, noisy)")
+    parser.add_argument("--quick", action="store_true", help="one repeat of everything (a smoke run, noisy)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--patch", type=int, default=64, help="cubic patch edge (must be a multiple of the "
-                                                                "network's total stride: 32 for paper, 8 for cpu-demo)")
-    parser.add_argument("--preset", default="paper", choices=("paper", "cpu-demo"), help="preset of the inference "
-                                                                                          "cases")
-    parser.add_argument("--train-preset", default="cpu-demo", choices=("paper", "cpu-demo"),
-                        help="preset of the training-step cases (paper: ~22 s per E2ENet step on 2 cores)")
     args = parser.parse_args()
+    args.repeats_64, args.repeats_128, args.repeats_demo = (1, 1, 2) if args.quick else (3, 3, 7)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
-    print(f"load average at start (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"load average at start (1/5/15 min): {load()}")
 
-    repeats, warmup = (1, 1) if args.quick else (5, 1)
-    cases, zeros = inference_cases(args.preset, args.patch)
-    t = interleaved(cases, repeats, warmup=warmup)
-    report(f"Inference forward, eval, no grad, 1 x {IN_CHANNELS} x {args.patch}^3, {NUM_CLASSES} classes, "
-           f"{args.preset} preset ({zeros:.1%} of E2ENet's fusion conv weights are zero at density {DENSITY}); "
-           f"median of {repeats}", t)
-    e2e_best = min(s for (m, d, _), s in t.items() if m == "E2ENet" and d == "1.0")
-    print(f"  reported in the issue, not measured here (authors' code, 2 CPU threads, 1 x 64^3, another machine): "
-          f"authors' E2ENet {ISSUE_E2ENET_S * 1e3:.0f} ms, DynUNet {ISSUE_DYNUNET_S * 1e3:.0f} ms "
-          f"({ISSUE_E2ENET_S / ISSUE_DYNUNET_S:.2f}x)")
-    if args.patch == 64 and args.preset == "paper":
-        print(f"  this run, dense E2ENet in its faster format: {e2e_best / t[('DynUNet', '1.0', 'contiguous')]:.2f}x "
-              f"DynUNet (times across machines are not comparable; the ratios are the context)")
-
-    train_patch = 32 if args.quick else args.patch
-    train_repeats = 3 if args.quick else 10
-    t = interleaved(train_cases(args.train_preset, train_patch), train_repeats, warmup=1)
-    note = "" if args.train_preset == "paper" else (" (cpu-demo: a paper-preset E2ENet step took ~22 s on 2 "
-                                                     "cores, too slow to repeat here)")
-    report(f"Training step (fwd + bwd + SGD step [+ sparsity.step()]), batch 2 x {IN_CHANNELS} x {train_patch}^3, "
-           f"{args.train_preset} preset{note}; median of {train_repeats}", t)
-    print("\nDensity 0.2 is zeros in dense weight tensors (no sparse kernels): it runs the same dense convolutions, so "
-          "expect ~1.0x dense; the train step adds the re-masking in sparsity.step().")
-    print(f"load average at end (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    dense_e2e = e2enet("paper")
+    x = torch.randn(1, IN_CHANNELS, 64, 64, 64)
+    breakdown({"E2ENet dense, contiguous": dense_e2e, "compacted 0.1, channels_last": compacted(dense_e2e, 0.1)}, x)
+    del dense_e2e
+    times = interleaved({**split_conv_cases(1.0), **split_conv_cases(0.1)}, 3 if args.quick else 7, warmup=1)
+    print("\n2. Fusion conv of x(0, 1) at 64^3 (48 + 48 input channels -> 48, shifted), median ms")
+    for (read, how), seconds in times.items():
+        print(f"  {read:>10}: {how:<36} {seconds * 1e3:8.1f}")
+    inference_64(args)
+    inference_128(args)
+    cpu_demo(args)
+    checkpoint_sizes()
+    print(f"\nload average at end (1/5/15 min): {load()}")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
 
 def machine() -> str:
-    """CPU model, torch version, threads and the 1-minute load (other processes skew absolute times)."""
+    """CPU model, torch version, threads, OpenMP wait policy and the 1-minute load (other processes skew absolute
+    times)."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -19,8 +20,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+    wait = os.environ.get("OMP_WAIT_POLICY", "default")
     return (f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; {os.cpu_count()} cores; "
-            f"1-min load {load}")
+            f"OMP_WAIT_POLICY {wait}; 1-min load {load}")
 
 
 def interleaved_times(cases: dict[Hashable, Callable[[], None]], repeats: int,

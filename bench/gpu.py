@@ -8,7 +8,9 @@ and sequential cases give a clean peak memory per case):
   ``sf.DynamicSparsity(model, optimizer, density=0.2, targets=e2enet_fusion_targets, granularity="kernel",
   scaler=scaler)`` with ``sparsity.step()`` after ``scaler.step(optimizer)`` and ``scaler.update()`` (static masks:
   every step re-masks, no topology update falls inside the timed steps);
-* inference: the same model in eval mode, ``torch.inference_mode()``, fp16 autocast, batch 1 x 1 x 128^3.
+* inference: the same model in eval mode, ``torch.inference_mode()``, fp16 autocast, batch 1 x 1 x 128^3;
+* E2ENet compacted: ``compact_e2enet`` (examples/e2enet/compaction.py) of the E2ENet with random input-channel masks
+  at density 0.1 on its fusion weights, built in channels_last_3d; inference only (it is not a training model).
 
 Time: median of --steps calls after --warmup calls (cudnn.benchmark is on, so the first calls pick algorithms),
 each call bracketed by ``torch.cuda.synchronize()``. Peak memory: ``torch.cuda.max_memory_allocated()`` over the
@@ -46,12 +48,14 @@ for extra in (REPO / ".gpu_deps", REPO, REPO / "examples" / "e2enet"):  # MONAI 
         sys.path.insert(0, str(extra))
 
 import torch  # noqa: E402
+from compaction import compact_e2enet  # noqa: E402
+from model import build_dynunet, build_e2enet, e2enet_fusion_targets, output_list  # noqa: E402
 
 import sparsefuse as sf  # noqa: E402
-from model import build_dynunet, build_e2enet, e2enet_fusion_targets, output_list  # noqa: E402
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITY = 0.2
+COMPACT_DENSITY = 0.1  # input-channel masks, the setting compaction is for
 GIB = 2**30
 
 
@@ -111,6 +115,11 @@ def timed(fn, device: torch.device, warmup: int, steps: int, clock: Clock, case_
 
 def build(arch: str, preset: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
+    if arch == "E2ENet compacted":  # built on the CPU, already in channels_last_3d
+        model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+        sparsity = sf.DynamicSparsity(model, None, density=COMPACT_DENSITY, targets=e2enet_fusion_targets,
+                                      granularity="input_channel")
+        return compact_e2enet(model, sparsity, torch.channels_last_3d).to(device)
     if arch == "E2ENet":
         model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
     else:
@@ -187,10 +196,14 @@ def run_model(arch: str, density: float, args, device, amp_dtype, clock: Clock) 
         missing = f"unavailable ({err.name or err} not installed)"
         return {**row, "train": {"error": missing}, "inference": {"error": missing}}
     row["params"] = sum(p.numel() for p in model.parameters())
-    row["train"] = guarded(lambda: train_case(model, density, args, device, amp_dtype, clock, args.case_budget_s),
-                           device)
-    row["inference"] = guarded(lambda: inference_case(model, args, device, amp_dtype, clock,
-                                                      args.case_budget_s / 2), device)
+    if arch == "E2ENet compacted":
+        row["train"] = {"error": "n/a (inference only)"}
+    else:
+        row["train"] = guarded(
+            lambda m=model: train_case(m, density, args, device, amp_dtype, clock, args.case_budget_s), device
+        )
+    row["inference"] = guarded(lambda m=model: inference_case(m, args, device, amp_dtype, clock,
+                                                              args.case_budget_s / 2), device)
     del model
     free_memory(device)
     print(f"  done {arch} density {density} at {clock.elapsed():.0f} s: train {row['train']}, "
@@ -268,18 +281,21 @@ def main() -> None:
                      "grad_scaler": amp_dtype == torch.float16, "memory_format": "channels_last_3d",
                      "cudnn_benchmark": device.type == "cuda", "warmup": args.warmup, "steps": args.steps,
                      "sparse_density": DENSITY, "sparse_granularity": "kernel",
-                     "sparse_targets": "e2enet_fusion_targets"},
+                     "sparse_targets": "e2enet_fusion_targets", "compacted_density": COMPACT_DENSITY,
+                     "compacted_granularity": "input_channel"},
     }
     print(f"{device_name}; torch {torch.__version__}; CUDA {torch.version.cuda}", flush=True)
 
     rows = [run_model(arch, density, args, device, amp_dtype, clock)
-            for arch, density in (("DynUNet", 1.0), ("E2ENet", 1.0), ("E2ENet", DENSITY))]
+            for arch, density in (("DynUNet", 1.0), ("E2ENet", 1.0), ("E2ENet", DENSITY),
+                                  ("E2ENet compacted", COMPACT_DENSITY))]
     md = table(rows)
     print(f"\n{device_name}, torch {torch.__version__}, CUDA {torch.version.cuda}: train batch {args.batch} x "
           f"{IN_CHANNELS} x {args.patch}^3, inference batch 1, {args.dtype} autocast"
           f"{' + GradScaler' if amp_dtype == torch.float16 else ''}, channels_last_3d, median of up to "
           f"{args.steps} calls after {args.warmup} warm-up; peak = max_memory_allocated over the timed calls.")
-    print("Density 0.2 masks are zeros in dense tensors (no sparse kernels): same convolutions as dense.\n")
+    print("Density 0.2 masks are zeros in dense tensors (no sparse kernels): same convolutions as dense. The "
+          f"compacted E2ENet computes only the channels its input-channel masks at {COMPACT_DENSITY} leave read.\n")
     print(md)
     print(f"\ntotal {clock.elapsed():.0f} s")
     out = os.environ.get("OUT")

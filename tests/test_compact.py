@@ -7,6 +7,7 @@ nonzero terms as the masked dense ones, only in another order (and with other co
 from __future__ import annotations
 
 import io
+import types
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsefuse as sf
+from sparsefuse.compact import load_sparse_state_dict, sparse_state_dict
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RELATIVE_TOLERANCE = 1e-5
@@ -376,3 +378,42 @@ def test_targets_that_are_not_a_layer_weight_are_still_masked():
     with torch.no_grad():
         assert_matches(sf.compact(model, sparsity)(x), want)
     assert list(sf.compaction_plan(model, sparsity)) == ["1"]
+
+
+@pytest.mark.parametrize("granularity", ["kernel", "input_channel", "element"])
+def test_sparse_state_dict_round_trip_is_exact(granularity):
+    torch.manual_seed(0)
+    model = shift_and_fusion_model()
+    sparsity = trained_masks(model, granularity)
+    buffer = io.BytesIO()
+    torch.save(sparse_state_dict(model, sparsity), buffer)
+    sparse_bytes = buffer.tell()
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    torch.manual_seed(1)  # other weights and other masks: everything must come from the checkpoint
+    fresh = shift_and_fusion_model()
+    masks = sf.DynamicSparsity(fresh, None, density=0.7, granularity=granularity, seed=3)
+    load_sparse_state_dict(fresh, masks, saved)
+    want, got = model.state_dict(), fresh.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert all(torch.equal(sparsity.masks[k], masks.masks[k]) for k in sparsity.target_names)
+    dense = io.BytesIO()
+    torch.save(model.state_dict(), dense)
+    assert sparse_bytes < dense.tell()
+
+
+def test_sparse_state_dict_refuses_another_granularity_or_model():
+    torch.manual_seed(0)
+    model = shift_and_fusion_model()
+    saved = sparse_state_dict(model, trained_masks(model, "kernel"))
+    fresh = shift_and_fusion_model()
+    with pytest.raises(ValueError, match="different model or granularity"):
+        load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None, granularity="input_channel"), saved)
+    with pytest.raises(ValueError, match="not a sparse state dict"):
+        load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None), fresh.state_dict())
+    weight_masks_only = types.SimpleNamespace(
+        target_names=("0.weight",), weight_mask=lambda name: torch.ones(8, 12, 1, 3, 3, dtype=torch.bool)
+    )
+    with pytest.raises(TypeError, match="group masks"):
+        sparse_state_dict(model, weight_masks_only)
