@@ -17,15 +17,8 @@ Labels
     inside it each voxel takes the argmax of (1 - p_gm - p_wm, p_gm, p_wm) after warping.
 
 The harder task (``--task regions``, Dataset991_MNIRegions)
-    The same tissue split into 7 foreground classes: grey matter left-front, left-back, right-front,
-    right-back (the cut between front and back is the coronal plane through the brain's centre, MNI
-    y about -18 mm); white matter left and right (the midline plane x = 0); CSF/other. Four of the
-    classes hold 4-5 % of the volume each. Two cuts are positional, not visible in the image: the
-    hemispheres of the symmetric template are mirror images, so only context (where the patch sits
-    relative to the brain's edge) tells left from right, and mirroring the x axis during training
-    swaps the two sides' labels (``train.py --mirror-axes 1 2``). The front/back plane crosses
-    uniform grey matter, like a lobe boundary drawn by an atlas rather than by contrast. It is a
-    test of context and of small classes, not an anatomical parcellation.
+    The same tissue in 7 foreground classes: grey matter left/right x front/back, white matter
+    left/right, CSF/other; the hemisphere and front/back cuts are positional (docs/e2enet.md).
 
 Cases
     Every case is the same template seen through a different random "acquisition": a rotation
@@ -36,25 +29,10 @@ Cases
     skull-stripped), so cropping to the non-zero region behaves as on skull-stripped MRI.
 
 Held-out anatomy
-    The superior-most 20 % of the brain (template z above ``z_cut_mm``, about the top 3 cm of
-    cortex) never appears in a training case: the field of view of each training case is cut just
-    below the first slice that would contain any of it, as a scan with a limited field of view
-    would be. Test cases show the whole brain. Test metrics on that region therefore measure
-    generalisation to anatomy the network has not seen, not memory of the one template.
-    The NIfTI header of every case maps voxels to template millimetres (MNI space) up to the size
-    change and the warp, which move a point by at most ``HELD_OUT_MARGIN_MM`` along z; so anyone
-    can check the claim from the files alone: no non-zero voxel of a training case lies above
-    ``z_cut_mm + HELD_OUT_MARGIN_MM`` in world z, while test cases have brain there. To score the
-    unseen region alone, restrict test metrics to voxels above that world z (both numbers are in
-    ``mni_provenance.json``).
-
-What this data is not
-    It is one template (an average of 152 adults, smooth and symmetric) with synthetic variations,
-    not 10 subjects. Its labels come from probabilistic tissue maps, not manual delineation. The
-    held-out cortex has the same tissue classes and contrast as the cortex seen in training, so it
-    tests generalisation to unseen anatomy of a familiar kind, and the rest of every test case is
-    the same template the network trained on. It is a reproducible, CPU-sized, real-anatomy sanity
-    benchmark for the E2ENet pipeline; scores on it say nothing about clinical performance.
+    The superior-most 20 % of the brain (template z above ``z_cut_mm``) never appears in a training
+    case: each training field of view stops below it; test cases show the whole brain. World z in
+    the NIfTI headers lets anyone check this from the files (``mni_provenance.json`` has the cut
+    and its margin, ``HELD_OUT_MARGIN_MM``). What the data is and is not: docs/e2enet.md.
 
 Licence of the template: ICBM 2009a, Copyright (C) 1993-2009 Louis Collins, McConnell Brain
 Imaging Centre, Montreal Neurological Institute, McGill University (permissive notice; cite
