@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from atomic import atomic_write, write_json
 from checkpoint import load_checkpoint
+from compaction import compact_e2enet
 from dataset import CHANNEL_FILE, problem_list, save_nifti
 from loader import to_network_layout
 from model import build_model
@@ -71,8 +72,13 @@ def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
     return {case: [channels[i] for i in range(num_channels)] for case, channels in cases.items()}
 
 
-def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: torch.device):
-    """The run's networks, one per fold, after checking every fold's checkpoint against the run."""
+def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: torch.device, compact: bool = True):
+    """The run's networks, one per fold, after checking every fold's checkpoint against the run.
+
+    A sparse E2ENet fold is compacted (``compaction.compact_e2enet``) unless ``compact`` is False: its dead
+    channels are not computed, to the same outputs within float rounding. Its zero weights are its masks, so the
+    checkpoint alone defines the compacted network.
+    """
     plans, config = load_run(run_dir)
     name = f"checkpoint_{checkpoint}.pth"
     folds = folds or [f.removeprefix("fold_") for f in trained_folds(run_dir) if (run_dir / f / name).is_file()]
@@ -110,6 +116,11 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
                 f"{paths[fold]} does not fit the network described by {run_dir / CONFIG_FILE} "
                 f"({str(error).splitlines()[0]}); train the fold again in this run"
             ) from error
+        if compact and config["arch"] == "e2enet" and state.get("sparsity") is not None:
+            # The layout it was measured fastest in: channels_last_3d for the paper preset, contiguous for cpu-demo.
+            layout = torch.channels_last_3d if config["preset"] == "paper" else torch.contiguous_format
+            models.append(compact_e2enet(model.eval(), None, layout).to(device))
+            continue
         models.append(model.to(device, memory_format=torch.channels_last_3d).eval())
     return models, plans, config, paths
 
@@ -211,10 +222,13 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz with the softmax")
     p.add_argument("--overwrite", action="store_true", help="predict every case again, whatever the folder holds")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-compact", action="store_true", help="run a sparse E2ENet masked (dense tensors with zeros), not compacted"
+    )
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models, plans, config, paths = load_folds(args.model, args.folds, args.checkpoint, device)
+    models, plans, config, paths = load_folds(args.model, args.folds, args.checkpoint, device, not args.no_compact)
     cases = find_input_cases(args.input, config["in_channels"])
     settings = prediction_settings(args.model, paths, args.checkpoint, args.tta)
     manifest = open_manifest(args.output, settings, cases, args.overwrite)
