@@ -30,7 +30,7 @@ def dataset(tmp_path_factory):
     return prepare_mni.build_mni_dataset(root, num_train=5, num_test=1, spacing_mm=6.0)
 
 
-def run_args(dataset, out, *extra):
+def run_args(dataset, out, *extra, density=0.2, epochs=EPOCHS, iters=ITERS):
     return [
         "--data",
         str(dataset),
@@ -39,13 +39,13 @@ def run_args(dataset, out, *extra):
         "--fold",
         "0",
         "--density",
-        "0.2",
+        str(density),
         "--preset",
         "cpu-demo",
         "--epochs",
-        str(EPOCHS),
+        str(epochs),
         "--iters-per-epoch",
-        str(ITERS),
+        str(iters),
         "--val-iters",
         "1",
         "--no-progress",
@@ -53,6 +53,20 @@ def run_args(dataset, out, *extra):
         str(out.parent / "pre"),
         *extra,
     ]
+
+
+def assert_scores_are_the_dice_of_the_files(summary, references, predictions, labels):
+    """The summary's Dice per class is the overlap of what predict.py wrote with the reference, counted here from the
+    files (one test case, so the class means are that case's values): evaluation scored the right voxels and labels.
+    """
+    case = next(references.glob("*.nii.gz")).name
+    ref = np.asarray(nib.load(references / case).dataobj)
+    pred = np.asarray(nib.load(predictions / case).dataobj)
+    for name, value in labels.items():
+        a, b = ref == value, pred == value
+        size = int(a.sum() + b.sum())
+        dice = 2 * int((a & b).sum()) / size if size else None
+        assert summary["per_class_mean"][name]["dice"] == pytest.approx(dice), name
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +126,8 @@ def test_crash_then_resume_ends_bit_identical(dataset, finished_run, tmp_path, m
 
 def test_resume_with_another_configuration_is_refused(dataset, finished_run, capsys):
     out, _ = finished_run
-    args = run_args(dataset, out, "--resume")
-    args[args.index("--density") + 1] = "0.3"
     with pytest.raises(SystemExit) as refused:
-        train.main(args)
+        train.main(run_args(dataset, out, "--resume", density=0.3))
     assert refused.value.code == 2
     assert "another configuration: density saved 0.2 vs now 0.3" in capsys.readouterr().err
 
@@ -144,7 +156,9 @@ def test_predict_writes_input_geometry_and_evaluates(dataset, finished_run, tmp_
     again = ["--model", str(out), "--input", str(images), "--output", str(tmp_path / "pred"), "--no-progress", "--tta"]
     assert predict.main(again) == []
     summary = evaluate.evaluate_folders(dataset / "labelsTs", tmp_path / "pred", dataset_json=dataset / "dataset.json")
-    assert set(summary["per_class_mean"]) == {"grey_matter", "white_matter", "csf_other"}
+    labels = {"grey_matter": 1, "white_matter": 2, "csf_other": 3}
+    assert set(summary["per_class_mean"]) == set(labels)
+    assert_scores_are_the_dice_of_the_files(summary, dataset / "labelsTs", tmp_path / "pred", labels)
 
 
 def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path, capsys):
@@ -158,10 +172,7 @@ def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path, 
 
 def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tmp_path):
     out = tmp_path / "dynunet"
-    args = run_args(dataset, out, "--arch", "dynunet")
-    args[args.index("--density") + 1] = "1.0"
-    args[args.index("--epochs") + 1] = "1"
-    result = train.main(args)
+    result = train.main(run_args(dataset, out, "--arch", "dynunet", density=1.0, epochs=1))
     assert result["sparsity"] is None and type(result["model"]).__name__ == "DynUNet"
     assert json.loads((out / "config.json").read_text())["arch"] == "dynunet"
     written = predict.main(
@@ -209,7 +220,10 @@ def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_i
 
 
 def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
-    """A two-channel (CT + T2), anisotropic MSD-style task: convert, train, predict, evaluate."""
+    """A two-channel (CT + T2), anisotropic MSD-style task: convert, train, predict, evaluate.
+
+    Four iterations check that the pieces fit on data of another shape, not that the network learns: that is
+    tests/test_e2enet_learns.py, which asserts a Dice floor per class."""
     from dataset import convert_msd_dataset
 
     task = tmp_path / "Task09_Blobs"
@@ -247,25 +261,7 @@ def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
 
     dataset = convert_msd_dataset(task, tmp_path / "raw")
     out = tmp_path / "run"
-    train.main(
-        [
-            "--data",
-            str(dataset),
-            "--out",
-            str(out),
-            "--fold",
-            "0",
-            "--density",
-            "0.3",
-            "--epochs",
-            "2",
-            "--iters-per-epoch",
-            "2",
-            "--val-iters",
-            "1",
-            "--no-progress",
-        ]
-    )
+    train.main(run_args(dataset, out, density=0.3, epochs=2, iters=2))
     assert json.loads((out / "plans.json").read_text())["normalization"][0]["scheme"] == "CT"
     written = predict.main(
         ["--model", str(out), "--input", str(dataset / "imagesTs"), "--output", str(tmp_path / "pred"), "--no-progress"]
@@ -275,7 +271,8 @@ def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
     (tmp_path / "ref").mkdir()
     nib.save(nib.Nifti1Image(test_label, affine), tmp_path / "ref" / "blob_99.nii.gz")
     summary = evaluate.evaluate_folders(tmp_path / "ref", tmp_path / "pred", dataset_json=dataset / "dataset.json")
-    assert set(summary["per_class_mean"]) == {"shell", "core"}
+    assert set(summary["per_class_mean"]) == {"shell", "core"}  # the MSD labels, inverted to name -> value
+    assert_scores_are_the_dice_of_the_files(summary, tmp_path / "ref", tmp_path / "pred", {"shell": 1, "core": 2})
 
 
 def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_world_size(dataset, tmp_path):
@@ -286,9 +283,7 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
     from pathlib import Path
 
     out = tmp_path / "run"
-    args = run_args(dataset, out, "--threads", "1")
-    args[args.index("--epochs") + 1] = "2"
-    args[args.index("--iters-per-epoch") + 1] = "2"
+    args = run_args(dataset, out, "--threads", "1", epochs=2, iters=2)
     script = str(Path(train.__file__))
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args],
@@ -319,3 +314,27 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
     single = subprocess.run([sys.executable, script, *args, "--resume"], capture_output=True, text=True, timeout=120)
     assert single.returncode == 2
     assert "written by a run on 2 process(es), this one has 1" in single.stderr, single.stderr[-2000:]
+
+
+def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(dataset, tmp_path):
+    """predict.py runs a sparse E2ENet compacted (dead channels not computed); --no-compact runs it masked. Both
+    give the same softmax to float rounding, so the same labels."""
+    out = tmp_path / "run"
+    train.main(run_args(dataset, out, "--granularity", "input_channel", density=0.1, epochs=1))
+    fold = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    assert fold["config"]["granularity"] == "input_channel"
+    models, *_ = predict.load_folds(out, None, "final", torch.device("cpu"))
+    assert type(models[0]).__name__ == "CompactE2ENet"
+    outputs = {}
+    for flag in ([], ["--no-compact"]):
+        target = tmp_path / f"pred{''.join(flag)}"
+        predict.main(
+            ["--model", str(out), "--input", str(dataset / "imagesTs"), "--output", str(target)]
+            + ["--save-probabilities", "--no-progress", *flag]
+        )
+        outputs[bool(flag)] = target
+    case = next(outputs[False].glob("*.nii.gz")).name
+    labels = [np.asarray(nib.load(outputs[k] / case).dataobj) for k in (False, True)]
+    assert np.array_equal(labels[0], labels[1])
+    probs = [np.load(outputs[k] / case.replace(".nii.gz", ".npz"))["probabilities"] for k in (False, True)]
+    assert np.abs(probs[0].astype(np.float32) - probs[1].astype(np.float32)).max() < 1e-3
