@@ -23,6 +23,7 @@ shape) and forward hooks record each layer's input and output shapes. A full
 3-D segmentation net at 128^3 is accounted in well under a second and with no
 activation memory; the model itself is left untouched.
 """
+
 from __future__ import annotations
 
 import math
@@ -270,8 +271,7 @@ def count_flops(
         )
     elif not (isinstance(bias_term, bool) or callable(bias_term)):
         raise TypeError(
-            f"bias_term must be a bool or a callable (module name, module) -> bool, "
-            f"got {type(bias_term).__name__}"
+            f"bias_term must be a bool or a callable (module name, module) -> bool, got {type(bias_term).__name__}"
         )
     targets = _check_sparsity(sparsity, model) if sparsity is not None else {}
     x = _meta_input(example_input, model)
@@ -291,8 +291,9 @@ def count_flops(
             in_shape, out_shape = inputs[0].shape, output.shape
             flops = _layer_flops(mod, in_shape, out_shape, density, convention, bool(charge_bias))
             records.append(
-                LayerFlops(name, type(mod).__name__, tuple(in_shape), tuple(out_shape),
-                           density, bool(charge_bias), flops)
+                LayerFlops(
+                    name, type(mod).__name__, tuple(in_shape), tuple(out_shape), density, bool(charge_bias), flops
+                )
             )
 
         return hook
@@ -302,13 +303,10 @@ def count_flops(
     stand_ins: dict[int, torch.Tensor] = {}
     meta_state = {
         name: stand_ins.setdefault(id(t), torch.empty_like(t, device="meta"))
-        for name, t in (*model.named_parameters(remove_duplicate=False),
-                        *model.named_buffers(remove_duplicate=False))
+        for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
     }
     handles = [
-        m.register_forward_hook(make_hook(name, m))
-        for name, m in model.named_modules()
-        if isinstance(m, _COUNTED)
+        m.register_forward_hook(make_hook(name, m)) for name, m in model.named_modules() if isinstance(m, _COUNTED)
     ]
     try:
         with torch.no_grad():
@@ -355,8 +353,7 @@ def pt_score(
     Example (paper Table 1, E2ENet s=0.8 on AMOS): ``pt_score(90.3, 9.44, 778.74,
     mdice_max=90.5, params_min=7.64, flops_min=391.03)`` = 1.65.
     """
-    _check_positive(params=params, flops=flops, mdice_max=mdice_max,
-                    params_min=params_min, flops_min=flops_min)
+    _check_positive(params=params, flops=flops, mdice_max=mdice_max, params_min=params_min, flops_min=flops_min)
     for name, v in (("mdice", mdice), ("alpha1", alpha1), ("alpha2", alpha2)):
         if isinstance(v, bool) or not isinstance(v, Real):
             raise TypeError(f"{name} must be a real number, got {type(v).__name__}")

@@ -5,10 +5,11 @@ dims; ERK: sum(shape) / prod(shape), kernel dims included), scaled by one epsilo
 weights matches ``density * total``. A layer whose density would exceed 1 is made dense and epsilon is solved
 again over the others (RigL's solver), so the global density stays exact instead of drifting below the target.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = ["layer_densities", "DISTRIBUTIONS"]
 

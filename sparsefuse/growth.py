@@ -3,6 +3,7 @@
 Call convention: :class:`sparsefuse.policy.GroupScore`. The sparsifier only ever picks among groups that were
 inactive before the update. Subclass `Growth` to add one.
 """
+
 from __future__ import annotations
 
 from .policy import GroupScore, random_scores

@@ -2,6 +2,7 @@
 
 Call convention: :class:`sparsefuse.policy.GroupScore`. Subclass `Scorer` to add one.
 """
+
 from __future__ import annotations
 
 from .policy import GroupScore, random_scores

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -9,10 +11,13 @@ from torch import nn
 import sparsefuse as sf
 
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "conv3d", "convT2d", "convT3d")
+SPATIAL = {"linear": (), "conv1d": (5,), "conv2d": (4, 4), "conv3d": (3, 3, 3), "convT2d": (3, 3), "convT3d": (2, 2, 2)}
 
 
 class LayerBag(nn.Module):
-    """Independent layers, each fed its own input: any mix of shapes gets real, dense gradients."""
+    """Independent layers, each fed its own input: any mix of shapes gets real, dense gradients.
+
+    A spec is ``(kind, c_in, c_out, k)``, or ``(kind, c_in, c_out, k, groups)`` for a grouped conv."""
 
     def __init__(self, specs):
         super().__init__()
@@ -20,18 +25,7 @@ class LayerBag(nn.Module):
         self.layers = nn.ModuleList(make_layer(*spec) for spec in specs)
 
     def inputs(self, generator: torch.Generator) -> list[torch.Tensor]:
-        out = []
-        for kind, c_in, _, _ in self.specs:
-            spatial = {
-                "linear": (),
-                "conv1d": (5,),
-                "conv2d": (4, 4),
-                "conv3d": (3, 3, 3),
-                "convT2d": (3, 3),
-                "convT3d": (2, 2, 2),
-            }[kind]
-            out.append(torch.randn(2, c_in, *spatial, generator=generator))
-        return out
+        return [torch.randn(2, c_in, *SPATIAL[kind], generator=generator) for kind, c_in, *_ in self.specs]
 
     def forward(self, inputs):
         return sum(
@@ -39,13 +33,13 @@ class LayerBag(nn.Module):
         )
 
 
-def make_layer(kind: str, c_in: int, c_out: int, k: int) -> nn.Module:
+def make_layer(kind: str, c_in: int, c_out: int, k: int, groups: int = 1) -> nn.Module:
     if kind == "linear":
         return nn.Linear(c_in, c_out)
     dims = kind[-2]  # "conv2d" -> "2"
     if kind.startswith("convT"):
-        return getattr(nn, f"ConvTranspose{dims}d")(c_in, c_out, k, stride=2)
-    return getattr(nn, f"Conv{dims}d")(c_in, c_out, k, padding=k // 2)
+        return getattr(nn, f"ConvTranspose{dims}d")(c_in, c_out, k, stride=2, groups=groups)
+    return getattr(nn, f"Conv{dims}d")(c_in, c_out, k, padding=k // 2, groups=groups)
 
 
 @st.composite
@@ -81,6 +75,26 @@ def optimizers(params, kind: str) -> torch.optim.Optimizer:
 OPTIMIZERS = ("sgd", "adamw", "adam-amsgrad")
 
 
+def build(specs, granularity, opt_kind: str, density, schedule, scorer, growth, *, init_seed: int = 0, **options):
+    """A LayerBag of ``specs`` with weights drawn from ``init_seed``, its optimizer and a DynamicSparsity over it.
+
+    ``options`` (seed, distribution, regrow_init, grace_updates) go to DynamicSparsity. Returns the three."""
+    torch.manual_seed(init_seed)
+    model = LayerBag(specs)
+    optimizer = optimizers(model.parameters(), opt_kind)
+    sparsity = sf.DynamicSparsity(
+        model,
+        optimizer,
+        density=density,
+        granularity=granularity,
+        scorer=scorer,
+        growth=growth,
+        schedule=schedule,
+        **options,
+    )
+    return model, optimizer, sparsity
+
+
 @st.composite
 def schedules(draw):
     every = draw(st.integers(1, 3))
@@ -106,3 +120,31 @@ def train_step(model: LayerBag, optimizer, sparsity, step: int, data_seed: int =
     model(inputs).backward()
     optimizer.step()
     return sparsity.step()
+
+
+def train_and_resume(build_run, stop_at: int, steps: int, **other_seeds):
+    """The same run twice: ``steps`` steps in one go, and interrupted after ``stop_at`` with its state saved and
+    restored into fresh objects ``build_run(**other_seeds)`` that train on. Returns (uninterrupted, resumed)."""
+    reference = build_run()
+    for step in range(1, steps + 1):
+        train_step(*reference, step)
+    first = build_run()
+    for step in range(1, stop_at + 1):
+        train_step(*first, step)
+    buffer = io.BytesIO()
+    torch.save([part.state_dict() for part in first], buffer)  # model, optimizer, sparsity
+    buffer.seek(0)
+    resumed = build_run(**other_seeds)
+    for part, state in zip(resumed, torch.load(buffer), strict=True):
+        part.load_state_dict(state)
+    for step in range(stop_at + 1, steps + 1):
+        train_step(*resumed, step)
+    return reference, resumed
+
+
+def assert_same_run(reference, resumed) -> None:
+    """Bit-identical weights, masks and update history."""
+    for (name, a), b in zip(reference[0].state_dict().items(), resumed[0].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(torch.equal(reference[2].masks[n], resumed[2].masks[n]) for n in reference[2].target_names)
+    assert reference[2].history == resumed[2].history

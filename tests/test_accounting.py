@@ -1,4 +1,5 @@
 """sparsefuse.accounting: hand-computed counts, density scaling, conventions, meta-device safety, PT score."""
+
 from __future__ import annotations
 
 import json
@@ -177,8 +178,13 @@ def test_bias_term_predicate_receives_qualified_names():
 
 @settings(max_examples=25, deadline=None)
 @given(
-    c_in=st.integers(1, 6), c_out=st.integers(1, 6), k=st.integers(1, 3), stride=st.integers(1, 2),
-    size=st.integers(3, 6), batch=st.integers(1, 3), active=st.integers(0, 36),
+    c_in=st.integers(1, 6),
+    c_out=st.integers(1, 6),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    size=st.integers(3, 6),
+    batch=st.integers(1, 3),
+    active=st.integers(0, 36),
 )
 def test_eq5_without_bias_equals_macs_for_plain_convs(c_in, c_out, k, stride, size, batch, active):
     model = nn.Conv2d(c_in, c_out, k, stride=stride)
@@ -188,8 +194,9 @@ def test_eq5_without_bias_equals_macs_for_plain_convs(c_in, c_out, k, stride, si
     macs = sf.count_flops(model, shape, sparsity, convention="macs")
     assert math.isclose(eq5, macs, rel_tol=1e-12, abs_tol=1e-9)
     out = (size - k) // stride + 1
-    assert math.isclose(macs, 2 * k * k * c_in * c_out * out * out * batch * sparsity.density("weight"),
-                        rel_tol=1e-12, abs_tol=1e-9)
+    assert math.isclose(
+        macs, 2 * k * k * c_in * c_out * out * out * batch * sparsity.density("weight"), rel_tol=1e-12, abs_tol=1e-9
+    )
 
 
 def test_result_is_a_float_with_a_breakdown():
@@ -268,11 +275,12 @@ def test_data_dependent_forward_gets_a_clear_error():
 
 
 # -------------------------------------------------------------------------------------------- pt_score
-def test_pt_score_formula():
-    assert sf.pt_score(80, 20, 300, mdice_max=90, params_min=10, flops_min=100) == pytest.approx(
-        80 / 90 + 0.5 * (10 / 20 + 100 / 300))
+def test_pt_score_by_hand():
+    # 80/90 = 32/36 and 10/20 + 100/300 = 5/6: PT = 32/36 + 15/36 = 47/36 (alpha 1, 0.5), 64/36 + 30/36 = 47/18 (2, 1).
+    assert sf.pt_score(80, 20, 300, mdice_max=90, params_min=10, flops_min=100) == pytest.approx(47 / 36)
     assert sf.pt_score(80, 20, 300, mdice_max=90, params_min=10, flops_min=100, alpha1=2, alpha2=1) == pytest.approx(
-        2 * 80 / 90 + (10 / 20 + 100 / 300))
+        47 / 18
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
 """Mixed precision (GradScaler skips) and torch.compile with DynamicSparsity, on CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,14 @@ def make(scaler=None, growth=None, every=2):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    sparsity = sf.DynamicSparsity(model, optimizer, density=0.4, growth=growth or sf.growth.Gradient(),
-                                  schedule=sf.schedules.Constant(every=every, alpha=0.5), scaler=scaler)
+    sparsity = sf.DynamicSparsity(
+        model,
+        optimizer,
+        density=0.4,
+        growth=growth or sf.growth.Gradient(),
+        schedule=sf.schedules.Constant(every=every, alpha=0.5),
+        scaler=scaler,
+    )
     return model, optimizer, sparsity
 
 
@@ -42,7 +49,8 @@ def test_a_skipped_optimizer_step_does_not_count_or_change_the_topology():
         if poison:
             assert report is None
             assert all(torch.equal(before[n], sparsity.masks[n]) for n in before)
-            assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))  # the optimizer skipped too
+            # The optimizer skipped too.
+            assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
         reports.append(report)
     # 6 calls, 2 skipped: the sparsifier counted 4 steps, updated at its steps 2 and 4 (calls 3 and 6).
     assert sparsity.step_count == 4
@@ -86,13 +94,13 @@ def test_compiled_model_is_not_recompiled_by_topology_updates():
     compiled = torch.compile(model, backend=counting_backend)
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
     for _ in range(5):
-        for net, (m, opt, sp) in ((compiled, (model, optimizer, sparsity)), (eager[0], eager)):
+        for net, (_, opt, sp) in ((compiled, (model, optimizer, sparsity)), (eager[0], eager)):
             opt.zero_grad()
             net(x).square().mean().backward()
             opt.step()
             assert sp.step() is not None  # every step is an update step
     assert len(graphs) == 1  # masks live outside the graph: updates change values, not the graph
     assert all(torch.equal(sparsity.masks[n], eager[2].masks[n]) for n in sparsity.target_names)
-    for a, b in zip(model.parameters(), eager[0].parameters()):
+    for a, b in zip(model.parameters(), eager[0].parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert torch.equal(compiled(x), eager[0](x))

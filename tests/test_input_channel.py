@@ -7,87 +7,39 @@ channel c, and nothing else.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import OPTIMIZERS, growths, optimizers, schedules, scorers
+from strategies import (
+    LAYER_KINDS,
+    OPTIMIZERS,
+    assert_same_run,
+    build,
+    growths,
+    schedules,
+    scorers,
+    train_and_resume,
+    train_step,
+)
 from torch import nn
 
 import sparsefuse as sf
 
 PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 STEPS = 6
-KINDS = ("linear", "conv1d", "conv2d", "conv3d", "convT2d", "convT3d")
-SPATIAL = {"linear": (), "conv1d": (5,), "conv2d": (4, 4), "conv3d": (3, 3, 3), "convT2d": (3, 3), "convT3d": (2, 2, 2)}
-
-
-def make_layer(kind: str, c_in: int, c_out: int, k: int, groups: int) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(c_in, c_out)
-    dims = kind[-2]
-    if kind.startswith("convT"):
-        return getattr(nn, f"ConvTranspose{dims}d")(c_in, c_out, k, stride=2, groups=groups)
-    return getattr(nn, f"Conv{dims}d")(c_in, c_out, k, padding=k // 2, groups=groups)
-
-
-class GroupedBag(nn.Module):
-    """Independent layers, grouped convs among them, each fed its own input, summed into one loss."""
-
-    def __init__(self, specs):
-        super().__init__()
-        self.specs = specs
-        self.layers = nn.ModuleList(make_layer(*spec) for spec in specs)
-
-    def inputs(self, generator: torch.Generator) -> list[torch.Tensor]:
-        return [torch.randn(2, c_in, *SPATIAL[kind], generator=generator) for kind, c_in, *_ in self.specs]
-
-    def forward(self, inputs):
-        pairs = zip(self.layers, inputs, strict=True)
-        return sum((layer(x).sin() * (i + 1)).mean() for i, (layer, x) in enumerate(pairs))
 
 
 @st.composite
 def grouped_specs(draw, max_layers: int = 3):
     specs = []
     for _ in range(draw(st.integers(1, max_layers))):
-        kind = draw(st.sampled_from(KINDS))
+        kind = draw(st.sampled_from(LAYER_KINDS))
         groups = 1 if kind == "linear" else draw(st.sampled_from([1, 2, 3]))
         specs.append(
             (kind, groups * draw(st.integers(1, 4)), groups * draw(st.integers(1, 3)), draw(st.integers(1, 3)), groups)
         )
     return specs
-
-
-def build(
-    specs, opt_kind, density, schedule, scorer, growth, distribution="uniform", seed=0, init_seed=0, regrow_init="zeros"
-):
-    torch.manual_seed(init_seed)
-    model = GroupedBag(specs)
-    optimizer = optimizers(model.parameters(), opt_kind)
-    sparsity = sf.DynamicSparsity(
-        model,
-        optimizer,
-        density=density,
-        granularity="input_channel",
-        scorer=scorer,
-        growth=growth,
-        schedule=schedule,
-        distribution=distribution,
-        regrow_init=regrow_init,
-        seed=seed,
-    )
-    return model, optimizer, sparsity
-
-
-def train_step(model, optimizer, sparsity, step: int):
-    inputs = model.inputs(torch.Generator().manual_seed(1000 + step))
-    optimizer.zero_grad()
-    model(inputs).backward()
-    optimizer.step()
-    return sparsity.step()
 
 
 def reads(layer: nn.Module, weight_shape: torch.Size, channel: int) -> torch.Tensor:
@@ -136,7 +88,15 @@ def test_invariants_hold_through_training(
     specs, opt_kind, density, schedule, scorer, growth, distribution, regrow_init
 ):
     model, optimizer, sparsity = build(
-        specs, opt_kind, density, schedule, scorer, growth, distribution, regrow_init=regrow_init
+        specs,
+        "input_channel",
+        opt_kind,
+        density,
+        schedule,
+        scorer,
+        growth,
+        distribution=distribution,
+        regrow_init=regrow_init,
     )
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in sparsity.target_names}
     layer_density = sf.distribution.layer_densities(shapes, density, distribution)
@@ -166,33 +126,22 @@ def test_invariants_hold_through_training(
     stop_at=st.integers(0, STEPS),
 )
 def test_resume_is_bit_identical(specs, density, schedule, growth, stop_at):
-    reference = build(specs, "sgd", density, schedule, sf.scorers.L1(), growth)
-    for step in range(1, STEPS + 1):
-        train_step(*reference, step)
-    first = build(specs, "sgd", density, schedule, sf.scorers.L1(), growth)
-    for step in range(1, stop_at + 1):
-        train_step(*first, step)
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": first[0].state_dict(), "opt": first[1].state_dict(), "sparsity": first[2].state_dict()}, buffer
+    reference, resumed = train_and_resume(
+        lambda **seeds: build(specs, "input_channel", "sgd", density, schedule, sf.scorers.L1(), growth, **seeds),
+        stop_at,
+        STEPS,
+        seed=5,
+        init_seed=5,
     )
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed = build(specs, "sgd", density, schedule, sf.scorers.L1(), growth, seed=5, init_seed=5)
-    resumed[0].load_state_dict(saved["model"])
-    resumed[1].load_state_dict(saved["opt"])
-    resumed[2].load_state_dict(saved["sparsity"])
-    for step in range(stop_at + 1, STEPS + 1):
-        train_step(*resumed, step)
-    for (name, a), b in zip(reference[0].state_dict().items(), resumed[0].state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert all(torch.equal(reference[2].masks[n], resumed[2].masks[n]) for n in reference[2].target_names)
+    assert_same_run(reference, resumed)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=grouped_specs(), density=st.floats(0.05, 0.8), schedule=schedules())
 def test_compaction_after_training_reads_exactly_the_active_channels(specs, density, schedule):
-    model, optimizer, sparsity = build(specs, "adamw", density, schedule, sf.scorers.L1(), sf.growth.Gradient())
+    model, optimizer, sparsity = build(
+        specs, "input_channel", "adamw", density, schedule, sf.scorers.L1(), sf.growth.Gradient()
+    )
     for step in range(1, STEPS + 1):
         train_step(model, optimizer, sparsity, step)
     compacted = sf.compact(model, sparsity, min_dead_inputs=0.0)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
+import strategies
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import LayerBag, densities, granularities, growths, layer_specs, optimizers, scorers, train_step
+from strategies import (
+    assert_same_run,
+    densities,
+    granularities,
+    growths,
+    layer_specs,
+    scorers,
+    train_and_resume,
+    train_step,
+)
 
 import sparsefuse as sf
 
@@ -16,23 +24,21 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 STEPS = 10
 
 
-def build(specs, granularity, density, scorer, growth, grace_updates, every=1, alpha=0.5, seed=0):
-    torch.manual_seed(seed)
-    model = LayerBag(specs)
-    optimizer = optimizers(model.parameters(), "sgd")
-    schedule = sf.schedules.Constant(every=every, alpha=alpha)
-    sparsity = sf.DynamicSparsity(
-        model,
-        optimizer,
-        density=density,
-        granularity=granularity,
-        scorer=scorer,
-        growth=growth,
-        schedule=schedule,
-        grace_updates=grace_updates,
+def build(specs, granularity, density, scorer, growth, grace_updates, alpha=0.5, seed=0):
+    """SGD, an update every step; ``seed`` draws the weights and seeds the sparsity."""
+    schedule = sf.schedules.Constant(every=1, alpha=alpha)
+    return strategies.build(
+        specs,
+        granularity,
+        "sgd",
+        density,
+        schedule,
+        scorer,
+        growth,
+        init_seed=seed,
         seed=seed,
+        grace_updates=grace_updates,
     )
-    return model, optimizer, sparsity
 
 
 @PROPERTY
@@ -90,27 +96,10 @@ def test_resume_keeps_the_grace_period_bit_identical(data, density, growth, grac
     granularity = data.draw(granularities())
     specs = data.draw(layer_specs(granularity))
     scorer = sf.scorers.L1()
-    reference = build(specs, granularity, density, scorer, growth, grace)
-    for step in range(1, STEPS + 1):
-        train_step(*reference, step)
-
-    first = build(specs, granularity, density, scorer, growth, grace)
-    for step in range(1, stop_at + 1):
-        train_step(*first, step)
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": first[0].state_dict(), "opt": first[1].state_dict(), "sparsity": first[2].state_dict()}, buffer
+    reference, resumed = train_and_resume(
+        lambda **seeds: build(specs, granularity, density, scorer, growth, grace, **seeds), stop_at, STEPS, seed=7
     )
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed = build(specs, granularity, density, scorer, growth, grace, seed=7)
-    resumed[0].load_state_dict(saved["model"])
-    resumed[1].load_state_dict(saved["opt"])
-    resumed[2].load_state_dict(saved["sparsity"])
-    for step in range(stop_at + 1, STEPS + 1):
-        train_step(*resumed, step)
-    assert all(torch.equal(reference[2].masks[n], resumed[2].masks[n]) for n in reference[2].target_names)
-    assert reference[2].history == resumed[2].history
+    assert_same_run(reference, resumed)
 
 
 def test_zero_initialised_regrowth_survives_only_with_grace():

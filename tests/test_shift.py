@@ -1,4 +1,5 @@
 """Behaviour of sf.nn.DepthShift / DepthShiftConv3d against slow, obviously-correct references."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,7 +55,9 @@ shapes = st.tuples(
 
 
 @SETTINGS
-@given(shape=shapes, shift_groups=st.sampled_from([1, 3, 5]), dim=st.sampled_from([2, 3, 4]), seed=st.integers(0, 2**16))
+@given(
+    shape=shapes, shift_groups=st.sampled_from([1, 3, 5]), dim=st.sampled_from([2, 3, 4]), seed=st.integers(0, 2**16)
+)
 def test_shift_matches_chunk_reference(shape, shift_groups, dim, seed):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(DepthShift(shift_groups, dim)(x), reference_shift(x, shift_groups, dim), rtol=0, atol=0)

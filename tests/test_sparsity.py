@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -11,14 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import (
     OPTIMIZERS,
-    LayerBag,
+    assert_same_run,
+    build,
     densities,
     granularities,
     growths,
     layer_specs,
-    optimizers,
     schedules,
     scorers,
+    train_and_resume,
     train_step,
 )
 from torch import nn
@@ -28,37 +28,6 @@ from sparsefuse.validation import positive_int
 
 PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 STEPS = 8
-
-
-def build(
-    specs,
-    granularity,
-    opt_kind,
-    density,
-    schedule,
-    scorer,
-    growth,
-    distribution="uniform",
-    seed=0,
-    init_seed=0,
-    regrow_init="zeros",
-):
-    torch.manual_seed(init_seed)
-    model = LayerBag(specs)
-    optimizer = optimizers(model.parameters(), opt_kind)
-    sparsity = sf.DynamicSparsity(
-        model,
-        optimizer,
-        density=density,
-        granularity=granularity,
-        scorer=scorer,
-        growth=growth,
-        schedule=schedule,
-        distribution=distribution,
-        regrow_init=regrow_init,
-        seed=seed,
-    )
-    return model, optimizer, sparsity
 
 
 def weights(model, sparsity):
@@ -102,7 +71,15 @@ def test_invariants_hold_through_training(data, opt_kind, density, schedule, sco
     granularity = data.draw(granularities())
     specs = data.draw(layer_specs(granularity))
     model, optimizer, sparsity = build(
-        specs, granularity, opt_kind, density, schedule, scorer, growth, distribution, regrow_init=regrow_init
+        specs,
+        granularity,
+        opt_kind,
+        density,
+        schedule,
+        scorer,
+        growth,
+        distribution=distribution,
+        regrow_init=regrow_init,
     )
     shapes = {n: tuple(w.shape) for n, w in weights(model, sparsity).items()}
     layer_density = sf.distribution.layer_densities(shapes, density, distribution)
@@ -168,32 +145,14 @@ def test_resume_is_bit_identical(data, opt_kind, density, schedule, scorer, grow
     """Invariant 5: interrupt at any step, restore into fresh objects built with another seed, continue."""
     granularity = data.draw(granularities())
     specs = data.draw(layer_specs(granularity))
-    reference = build(specs, granularity, opt_kind, density, schedule, scorer, growth)
-    for step in range(1, STEPS + 1):
-        train_step(*reference, step)
-
-    first = build(specs, granularity, opt_kind, density, schedule, scorer, growth)
-    for step in range(1, stop_at + 1):
-        train_step(*first, step)
-    buffer = io.BytesIO()
-    torch.save(
-        {"model": first[0].state_dict(), "opt": first[1].state_dict(), "sparsity": first[2].state_dict()}, buffer
+    reference, resumed = train_and_resume(
+        lambda **seeds: build(specs, granularity, opt_kind, density, schedule, scorer, growth, **seeds),
+        stop_at,
+        STEPS,
+        seed=other_seed,
+        init_seed=other_seed,
     )
-    buffer.seek(0)
-    saved = torch.load(buffer)
-    resumed = build(
-        specs, granularity, opt_kind, density, schedule, scorer, growth, seed=other_seed, init_seed=other_seed
-    )
-    resumed[0].load_state_dict(saved["model"])
-    resumed[1].load_state_dict(saved["opt"])
-    resumed[2].load_state_dict(saved["sparsity"])
-    for step in range(stop_at + 1, STEPS + 1):
-        train_step(*resumed, step)
-
-    for (name, a), b in zip(reference[0].state_dict().items(), resumed[0].state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert all(torch.equal(reference[2].masks[n], resumed[2].masks[n]) for n in reference[2].target_names)
-    assert reference[2].history == resumed[2].history
+    assert_same_run(reference, resumed)
 
 
 @PROPERTY

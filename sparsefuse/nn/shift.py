@@ -14,6 +14,7 @@ copy per group into a preallocated output, so it costs about one read and one
 write of the activation, keeps the input's memory format (channels_last_3d in
 gives channels_last_3d out) and runs on any device, including ``meta``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,7 @@ def _check_shift_args(shift_groups: int, dim: int, dim_arg: str = "dim") -> None
             f"got {shift_groups!r}"
         )
     if isinstance(dim, bool) or dim not in _DIM_NAMES:
-        raise ValueError(
-            f"{dim_arg} must be 2 (depth), 3 (height) or 4 (width) of an NCDHW tensor, got {dim!r}"
-        )
+        raise ValueError(f"{dim_arg} must be 2 (depth), 3 (height) or 4 (width) of an NCDHW tensor, got {dim!r}")
 
 
 def _shift_plan(channels: int, shift_groups: int) -> _Plan:
@@ -50,8 +49,7 @@ def _shift_plan(channels: int, shift_groups: int) -> _Plan:
     """
     size = max(1, -(-channels // shift_groups))  # max: C=0 gives no groups, not range(step=0)
     return tuple(
-        (start, min(size, channels - start), g - shift_groups // 2)
-        for g, start in enumerate(range(0, channels, size))
+        (start, min(size, channels - start), g - shift_groups // 2) for g, start in enumerate(range(0, channels, size))
     )
 
 
