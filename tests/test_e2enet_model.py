@@ -213,7 +213,7 @@ def test_cpu_demo_forward_backward_and_anisotropic_strides():
     x = torch.randn(1, 2, 8, 16, 16)
     outs = model(x)
     assert [tuple(o.shape) for o in outs] == [(1, 3, 8, 16, 16), (1, 3, 8, 8, 8)]
-    sum((w * o.square().mean() for w, o in zip(deep_supervision_weights(len(outs)), outs))).backward()
+    sum((w * o.square().mean() for w, o in zip(deep_supervision_weights(len(outs)), outs, strict=True))).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 

@@ -1,0 +1,37 @@
+"""The networks train.py and predict.py can build, by name, and the conventions of their outputs."""
+
+from __future__ import annotations
+
+import torch
+from dynunet import build_dynunet
+from model import E2ENet, Stride, build_e2enet, stride_product
+from torch import nn
+
+ARCHITECTURES = ("e2enet", "dynunet")
+
+
+def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, **e2enet_options) -> nn.Module:
+    """``"e2enet"`` (:func:`build_e2enet`, ``e2enet_options`` overriding the preset's arguments) or
+    ``"dynunet"`` (:func:`build_dynunet`) at a preset."""
+    if arch == "e2enet":
+        return build_e2enet(preset, in_channels=in_channels, num_classes=num_classes, **e2enet_options)
+    if e2enet_options:
+        raise ValueError(f"options {sorted(e2enet_options)} are E2ENet arguments; {arch!r} takes none")
+    if arch == "dynunet":
+        return build_dynunet(preset, in_channels=in_channels, num_classes=num_classes)
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def network_stride(model: nn.Module) -> Stride:
+    """Total downsampling per axis: patches must be multiples of it."""
+    if isinstance(model, E2ENet):
+        return model.total_stride
+    return stride_product(model.strides)  # DynUNet
+
+
+def output_list(outputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """Training outputs as a list, full resolution first: E2ENet returns a list; DynUNet stacks its
+    deep-supervision maps, upsampled to full resolution, along dim 1 (B, N, C, D, H, W)."""
+    if isinstance(outputs, torch.Tensor):
+        return list(outputs.unbind(1)) if outputs.dim() == 6 else [outputs]
+    return list(outputs)
