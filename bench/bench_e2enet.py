@@ -49,7 +49,9 @@ from sparsefuse.compact import sparse_state_dict  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "e2enet"))
 from compaction import compact_e2enet, e2enet_compaction_plan  # noqa: E402
-from model import build_dynunet, build_e2enet, e2enet_fusion_targets, output_list  # noqa: E402
+from dynunet import build_dynunet  # noqa: E402
+from model import build_e2enet, e2enet_fusion_targets  # noqa: E402
+from networks import output_list  # noqa: E402
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITIES = (0.2, 0.1)

@@ -29,6 +29,7 @@ repository root (e.g. ``pip install --no-deps --target .gpu_deps monai``, or a c
 ``monai`` folder) and keep that folder out of git; this script adds it to ``sys.path``. Without it the DynUNet rows
 say "unavailable".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,9 @@ for extra in (REPO / ".gpu_deps", REPO, REPO / "examples" / "e2enet"):  # MONAI 
 
 import torch  # noqa: E402
 from compaction import compact_e2enet  # noqa: E402
-from model import build_dynunet, build_e2enet, e2enet_fusion_targets, output_list  # noqa: E402
+from dynunet import build_dynunet  # noqa: E402
+from model import build_e2enet, e2enet_fusion_targets  # noqa: E402
+from networks import output_list  # noqa: E402
 
 import sparsefuse as sf  # noqa: E402
 
@@ -109,16 +112,21 @@ def timed(fn, device: torch.device, warmup: int, steps: int, clock: Clock, case_
         times.append(time.perf_counter() - t0)
         if len(times) >= 3 and (time.perf_counter() - started > case_budget_s or clock.left() < 0):
             break
-    return {"ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "calls": len(times),
-            "peak_gib": peak_gib(device)}
+    return {
+        "ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "calls": len(times),
+        "peak_gib": peak_gib(device),
+    }
 
 
 def build(arch: str, preset: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "E2ENet compacted":  # built on the CPU, already in channels_last_3d
         model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
-        sparsity = sf.DynamicSparsity(model, None, density=COMPACT_DENSITY, targets=e2enet_fusion_targets,
-                                      granularity="input_channel")
+        sparsity = sf.DynamicSparsity(
+            model, None, density=COMPACT_DENSITY, targets=e2enet_fusion_targets, granularity="input_channel"
+        )
         return compact_e2enet(model, sparsity, torch.channels_last_3d).to(device)
     if arch == "E2ENet":
         model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
@@ -134,8 +142,9 @@ def train_case(model, density: float, args, device, amp_dtype, clock: Clock, cas
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     sparsity = None
     if density < 1.0:
-        sparsity = sf.DynamicSparsity(model, optimizer, density=density, targets=e2enet_fusion_targets,
-                                      granularity="kernel", scaler=scaler)
+        sparsity = sf.DynamicSparsity(
+            model, optimizer, density=density, targets=e2enet_fusion_targets, granularity="kernel", scaler=scaler
+        )
     x = torch.randn(args.batch, IN_CHANNELS, *(args.patch,) * 3, device=device)
     x = x.contiguous(memory_format=torch.channels_last_3d)
 
@@ -202,12 +211,16 @@ def run_model(arch: str, density: float, args, device, amp_dtype, clock: Clock) 
         row["train"] = guarded(
             lambda m=model: train_case(m, density, args, device, amp_dtype, clock, args.case_budget_s), device
         )
-    row["inference"] = guarded(lambda m=model: inference_case(m, args, device, amp_dtype, clock,
-                                                              args.case_budget_s / 2), device)
+    row["inference"] = guarded(
+        lambda m=model: inference_case(m, args, device, amp_dtype, clock, args.case_budget_s / 2), device
+    )
     del model
     free_memory(device)
-    print(f"  done {arch} density {density} at {clock.elapsed():.0f} s: train {row['train']}, "
-          f"inference {row['inference']}", flush=True)
+    print(
+        f"  done {arch} density {density} at {clock.elapsed():.0f} s: train {row['train']}, "
+        f"inference {row['inference']}",
+        flush=True,
+    )
     return row
 
 
@@ -226,28 +239,39 @@ def cell_gib(result: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     ref = next((r for r in rows if r["model"] == "DynUNet"), None)
-    lines = ["| model | density | train step ms | vs DynUNet | train peak GiB | inference ms | vs DynUNet | "
-             "inference peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | density | train step ms | vs DynUNet | train peak GiB | inference ms | vs DynUNet | "
+        "inference peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t_ms, t_ratio = cell_ms(r["train"], ref["train"] if ref else None)
         i_ms, i_ratio = cell_ms(r["inference"], ref["inference"] if ref else None)
-        lines.append(f"| {r['model']} ({r['preset']}) | {r['density']} | {t_ms} | {t_ratio} | {cell_gib(r['train'])} "
-                     f"| {i_ms} | {i_ratio} | {cell_gib(r['inference'])} |")
+        lines.append(
+            f"| {r['model']} ({r['preset']}) | {r['density']} | {t_ms} | {t_ratio} | {cell_gib(r['train'])} "
+            f"| {i_ms} | {i_ratio} | {cell_gib(r['inference'])} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="run the same code on CPU at a tiny size (cpu-demo preset, 32^3, bf16, 2+3 calls)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the same code on CPU at a tiny size (cpu-demo preset, 32^3, bf16, 2+3 calls)",
+    )
     parser.add_argument("--preset", default=None, help="E2ENet/DynUNet preset (default: paper; dry run: cpu-demo)")
     parser.add_argument("--patch", type=int, default=None, help="cubic patch edge (default 128; dry run 32)")
     parser.add_argument("--batch", type=int, default=2, help="training batch (inference is always batch 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed calls per case (default 20; dry run 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per case (default 5; dry run 2)")
-    parser.add_argument("--dtype", choices=("fp16", "bf16"), default=None,
-                        help="autocast dtype (default fp16 with GradScaler; dry run bf16, no scaler)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16"),
+        default=None,
+        help="autocast dtype (default fp16 with GradScaler; dry run bf16, no scaler)",
+    )
     parser.add_argument("--budget-s", type=float, default=420.0, help="whole-run time budget in seconds")
     parser.add_argument("--case-budget-s", type=float, default=60.0, help="timed seconds per training case")
     args = parser.parse_args()
@@ -276,26 +300,48 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "dry_run": dry,
-        "settings": {"preset": args.preset, "train_batch": args.batch, "inference_batch": 1, "patch": args.patch,
-                     "in_channels": IN_CHANNELS, "num_classes": NUM_CLASSES, "autocast": args.dtype,
-                     "grad_scaler": amp_dtype == torch.float16, "memory_format": "channels_last_3d",
-                     "cudnn_benchmark": device.type == "cuda", "warmup": args.warmup, "steps": args.steps,
-                     "sparse_density": DENSITY, "sparse_granularity": "kernel",
-                     "sparse_targets": "e2enet_fusion_targets", "compacted_density": COMPACT_DENSITY,
-                     "compacted_granularity": "input_channel"},
+        "settings": {
+            "preset": args.preset,
+            "train_batch": args.batch,
+            "inference_batch": 1,
+            "patch": args.patch,
+            "in_channels": IN_CHANNELS,
+            "num_classes": NUM_CLASSES,
+            "autocast": args.dtype,
+            "grad_scaler": amp_dtype == torch.float16,
+            "memory_format": "channels_last_3d",
+            "cudnn_benchmark": device.type == "cuda",
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "sparse_density": DENSITY,
+            "sparse_granularity": "kernel",
+            "sparse_targets": "e2enet_fusion_targets",
+            "compacted_density": COMPACT_DENSITY,
+            "compacted_granularity": "input_channel",
+        },
     }
     print(f"{device_name}; torch {torch.__version__}; CUDA {torch.version.cuda}", flush=True)
 
-    rows = [run_model(arch, density, args, device, amp_dtype, clock)
-            for arch, density in (("DynUNet", 1.0), ("E2ENet", 1.0), ("E2ENet", DENSITY),
-                                  ("E2ENet compacted", COMPACT_DENSITY))]
+    rows = [
+        run_model(arch, density, args, device, amp_dtype, clock)
+        for arch, density in (
+            ("DynUNet", 1.0),
+            ("E2ENet", 1.0),
+            ("E2ENet", DENSITY),
+            ("E2ENet compacted", COMPACT_DENSITY),
+        )
+    ]
     md = table(rows)
-    print(f"\n{device_name}, torch {torch.__version__}, CUDA {torch.version.cuda}: train batch {args.batch} x "
-          f"{IN_CHANNELS} x {args.patch}^3, inference batch 1, {args.dtype} autocast"
-          f"{' + GradScaler' if amp_dtype == torch.float16 else ''}, channels_last_3d, median of up to "
-          f"{args.steps} calls after {args.warmup} warm-up; peak = max_memory_allocated over the timed calls.")
-    print("Density 0.2 masks are zeros in dense tensors (no sparse kernels): same convolutions as dense. The "
-          f"compacted E2ENet computes only the channels its input-channel masks at {COMPACT_DENSITY} leave read.\n")
+    print(
+        f"\n{device_name}, torch {torch.__version__}, CUDA {torch.version.cuda}: train batch {args.batch} x "
+        f"{IN_CHANNELS} x {args.patch}^3, inference batch 1, {args.dtype} autocast"
+        f"{' + GradScaler' if amp_dtype == torch.float16 else ''}, channels_last_3d, median of up to "
+        f"{args.steps} calls after {args.warmup} warm-up; peak = max_memory_allocated over the timed calls."
+    )
+    print(
+        "Density 0.2 masks are zeros in dense tensors (no sparse kernels): same convolutions as dense. The "
+        f"compacted E2ENet computes only the channels its input-channel masks at {COMPACT_DENSITY} leave read.\n"
+    )
     print(md)
     print(f"\ntotal {clock.elapsed():.0f} s")
     out = os.environ.get("OUT")

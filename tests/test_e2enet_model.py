@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "e2enet"
 
 import accounting as acc  # noqa: E402
+from loss import deep_supervision_weights  # noqa: E402
 from model import (  # noqa: E402
     E2ENet,
     build_e2enet,
-    deep_supervision_weights,
     e2enet_fusion_targets,
     is_fusion_conv,
 )

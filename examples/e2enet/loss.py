@@ -8,11 +8,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from loader import to_network_layout
-from model import deep_supervision_weights
+
+from sparsefuse.validation import positive_int
 
 # With AMP a non-finite loss is the GradScaler's business (it skips the step and halves the scale); only a scale
 # halved ~30 times from 2**16 without recovering means the run itself diverged.
 MIN_LOSS_SCALE = 1e-4
+
+
+def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
+    """Loss weights of the deep-supervision outputs, full resolution first.
+
+    nnU-Net's rule as the authors' trainer applies it: weights 1/2^k for
+    k = 0..num_outputs (one scale more than there are outputs), the last zeroed,
+    the rest normalised to sum 1. For the paper's 4 outputs: 8/15, 4/15, 2/15, 1/15.
+    """
+    positive_int("num_outputs", num_outputs)
+    raw = [0.5**k for k in range(num_outputs)]  # the (num_outputs+1)-th weight is the zeroed one
+    total = sum(raw)
+    return tuple(w / total for w in raw)
 
 
 def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from dynunet import DYNUNET_PRESETS, build_dynunet
 from torch import nn
 
 import sparsefuse as sf
@@ -54,14 +53,8 @@ from sparsefuse.validation import positive_int
 
 __all__ = [
     "PRESETS",
-    "DYNUNET_PRESETS",
     "E2ENet",
     "build_e2enet",
-    "build_dynunet",
-    "build_model",
-    "network_stride",
-    "output_list",
-    "deep_supervision_weights",
     "e2enet_fusion_targets",
     "is_fusion_conv",
 ]
@@ -91,7 +84,7 @@ def _as_stride(s, index: int) -> Stride:
     return t
 
 
-def _stride_product(strides: Sequence[int | Sequence[int]]) -> Stride:
+def stride_product(strides: Sequence[int | Sequence[int]]) -> Stride:
     """Per-axis product of (D, H, W) strides; an int stride applies to all three axes."""
     total = [1, 1, 1]
     for stride in strides:
@@ -318,7 +311,7 @@ class E2ENet(nn.Module):
     @property
     def total_stride(self) -> Stride:
         """Product of all strides per axis: every input dim must be a multiple of it."""
-        return _stride_product(self.strides)
+        return stride_product(self.strides)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.size(1) != self.in_channels:
@@ -373,49 +366,6 @@ def build_e2enet(preset: str = "paper", *, in_channels: int, num_classes: int, *
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     return E2ENet(in_channels, num_classes, **{**PRESETS[preset], **overrides})
-
-
-ARCHITECTURES = ("e2enet", "dynunet")
-
-
-def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, **e2enet_options) -> nn.Module:
-    """``"e2enet"`` (:func:`build_e2enet`, ``e2enet_options`` overriding the preset's arguments) or
-    ``"dynunet"`` (:func:`build_dynunet`) at a preset."""
-    if arch == "e2enet":
-        return build_e2enet(preset, in_channels=in_channels, num_classes=num_classes, **e2enet_options)
-    if e2enet_options:
-        raise ValueError(f"options {sorted(e2enet_options)} are E2ENet arguments; {arch!r} takes none")
-    if arch == "dynunet":
-        return build_dynunet(preset, in_channels=in_channels, num_classes=num_classes)
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
-
-
-def network_stride(model: nn.Module) -> Stride:
-    """Total downsampling per axis: patches must be multiples of it."""
-    if isinstance(model, E2ENet):
-        return model.total_stride
-    return _stride_product(model.strides)  # DynUNet
-
-
-def output_list(outputs: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-    """Training outputs as a list, full resolution first: E2ENet returns a list; DynUNet stacks its
-    deep-supervision maps, upsampled to full resolution, along dim 1 (B, N, C, D, H, W)."""
-    if isinstance(outputs, torch.Tensor):
-        return list(outputs.unbind(1)) if outputs.dim() == 6 else [outputs]
-    return list(outputs)
-
-
-def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
-    """Loss weights of the deep-supervision outputs, full resolution first.
-
-    nnU-Net's rule as the authors' trainer applies it: weights 1/2^k for
-    k = 0..num_outputs (one scale more than there are outputs), the last zeroed,
-    the rest normalised to sum 1. For the paper's 4 outputs: 8/15, 4/15, 2/15, 1/15.
-    """
-    positive_int("num_outputs", num_outputs)
-    raw = [0.5**k for k in range(num_outputs)]  # the (num_outputs+1)-th weight is the zeroed one
-    total = sum(raw)
-    return tuple(w / total for w in raw)
 
 
 def _under_fusion(name: str) -> bool:

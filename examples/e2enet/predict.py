@@ -32,8 +32,8 @@ from checkpoint import load_checkpoint
 from compaction import compact_e2enet
 from dataset import CHANNEL_FILE, problem_list, save_nifti
 from loader import to_network_layout
-from model import build_model
 from monai.inferers import sliding_window_inference
+from networks import build_model
 from planning import PLANS_FILE
 from preprocessing import preprocess_case, revert_preprocessing
 from problems import Problem, exit_on_problem

@@ -48,8 +48,9 @@ from checkpoint import load_checkpoint, rank_state, restore, save_checkpoint
 from epoch_log import describe, epoch_row, validate, write_log
 from loader import ALL_AXES, AUGMENTATIONS, TrainLoader
 from loss import DivergenceGuard, deep_supervision_loss, to_device
-from model import ARCHITECTURES, build_model, e2enet_fusion_targets, network_stride, output_list
+from model import e2enet_fusion_targets
 from monai.losses import DiceCELoss
+from networks import ARCHITECTURES, build_model, network_stride, output_list
 from planning import Plans, default_preprocessed_dir, fold_cases, plan_and_preprocess
 from plots import fusion_connection_proportions, plot_fusion_connections, plot_progress
 from preprocessing import preprocessed_data_dir
