@@ -7,18 +7,19 @@ slow phases of a noisy machine hit every case alike; medians are reported with
 ratios against nn.Conv3d (1, 3, 3) in the same memory format (targets use the
 medians; the min column is a less noise-sensitive cross-check on a busy machine).
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
-
 from common import interleaved_times, machine
+from torch import nn
+
 from sparsefuse.nn import DepthShiftConv3d
 
 SHIFT_GROUPS = 3
@@ -32,11 +33,11 @@ def naive_shift(x: torch.Tensor) -> torch.Tensor:
     for g, chunk in enumerate(chunks):
         s, c = g - SHIFT_GROUPS // 2, chunk.size(1)
         if s == 0:
-            out[:, start:start + c] = chunk
+            out[:, start : start + c] = chunk
         elif s > 0:
-            out[:, start:start + c, s:] = chunk[:, :, :-s]
+            out[:, start : start + c, s:] = chunk[:, :, :-s]
         else:
-            out[:, start:start + c, :s] = chunk[:, :, -s:]
+            out[:, start : start + c, :s] = chunk[:, :, -s:]
         start += c
     return out
 
@@ -104,8 +105,10 @@ def main() -> None:
     times = interleaved_times(cases, repeats, warmup)
 
     print(f"machine: {machine()}")
-    print(f"input ({batch}, {ch}, {size[0]}, {size[1]}, {size[2]}) float32, forward+backward, "
-          f"shift_groups={SHIFT_GROUPS}, {repeats} interleaved rounds, median\n")
+    print(
+        f"input ({batch}, {ch}, {size[0]}, {size[1]}, {size[2]}) float32, forward+backward, "
+        f"shift_groups={SHIFT_GROUPS}, {repeats} interleaved rounds, median\n"
+    )
     print(f"{'format':<17} {'case':<18} {'median ms':>10} {'vs 1x3x3':>9} {'min ms':>8} {'vs 1x3x3':>9}")
     results = {}
     for fmt_name in formats:
@@ -114,8 +117,10 @@ def main() -> None:
         for name in names:
             med, fastest = statistics.median(times[(fmt_name, name)]), min(times[(fmt_name, name)])
             results[(fmt_name, name)] = med
-            print(f"{fmt_name:<17} {name:<18} {med * 1e3:>10.2f} {med / base:>8.2f}x "
-                  f"{fastest * 1e3:>8.2f} {fastest / base_min:>8.2f}x")
+            print(
+                f"{fmt_name:<17} {name:<18} {med * 1e3:>10.2f} {med / base:>8.2f}x "
+                f"{fastest * 1e3:>8.2f} {fastest / base_min:>8.2f}x"
+            )
     print()
     ok = True
     for fmt_name in formats:
@@ -124,8 +129,10 @@ def main() -> None:
             ratio = shift / results[(fmt_name, ref)]
             passed = ratio <= limit
             ok &= passed
-            print(f"target {fmt_name:<17} DepthShiftConv3d / {ref:<14} = {ratio:.3f}  "
-                  f"(<= {limit:.2f})  {'PASS' if passed else 'FAIL'}")
+            print(
+                f"target {fmt_name:<17} DepthShiftConv3d / {ref:<14} = {ratio:.3f}  "
+                f"(<= {limit:.2f})  {'PASS' if passed else 'FAIL'}"
+            )
     print("\nall targets PASS" if ok else "\nsome targets FAIL")
 
 

@@ -6,17 +6,18 @@ interleaved in one process.
 
     python bench/bench_sparsity.py [--quick] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 
 import torch
+from common import interleaved, machine
 from torch import nn
 from torch.nn.utils import prune
 
 import sparsefuse as sf
-from common import interleaved, machine
 
 TARGET_OVERHEAD = 1.03
 
@@ -24,10 +25,14 @@ TARGET_OVERHEAD = 1.03
 def conv3d_net() -> tuple[nn.Module, torch.Tensor]:
     """A 3D encoder-decoder slice shaped like E2ENet's fusion stages (48/96 channels, (1,3,3) kernels)."""
     model = nn.Sequential(
-        nn.Conv3d(1, 48, (1, 3, 3), padding=(0, 1, 1)), nn.LeakyReLU(0.01),
-        nn.Conv3d(48, 96, (1, 3, 3), stride=2, padding=(0, 1, 1)), nn.LeakyReLU(0.01),
-        nn.Conv3d(96, 96, (1, 3, 3), padding=(0, 1, 1)), nn.LeakyReLU(0.01),
-        nn.ConvTranspose3d(96, 48, 2, stride=2), nn.LeakyReLU(0.01),
+        nn.Conv3d(1, 48, (1, 3, 3), padding=(0, 1, 1)),
+        nn.LeakyReLU(0.01),
+        nn.Conv3d(48, 96, (1, 3, 3), stride=2, padding=(0, 1, 1)),
+        nn.LeakyReLU(0.01),
+        nn.Conv3d(96, 96, (1, 3, 3), padding=(0, 1, 1)),
+        nn.LeakyReLU(0.01),
+        nn.ConvTranspose3d(96, 48, 2, stride=2),
+        nn.LeakyReLU(0.01),
         nn.Conv3d(48, 4, 1),
     )
     return model, torch.randn(2, 1, 16, 48, 48)
@@ -42,8 +47,9 @@ def mlp() -> tuple[nn.Module, torch.Tensor]:
 def make_step(model: nn.Module, x: torch.Tensor, sparsity: sf.DynamicSparsity | None):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
     if sparsity is not None:  # rebind to this optimizer: the sparsifier masks the optimizer's state too
-        sparsity = sf.DynamicSparsity(model, optimizer, density=sparsity.density(), granularity=sparsity.granularity,
-                                      seed=sparsity.seed)
+        sparsity = sf.DynamicSparsity(
+            model, optimizer, density=sparsity.density(), granularity=sparsity.granularity, seed=sparsity.seed
+        )
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -51,6 +57,7 @@ def make_step(model: nn.Module, x: torch.Tensor, sparsity: sf.DynamicSparsity | 
         optimizer.step()
         if sparsity is not None:
             sparsity.step()
+
     return step
 
 
@@ -68,8 +75,9 @@ def bench_model(name: str, build, granularity: str, repeats: int) -> None:
     # One topology update over every layer (drop by L1, regrow at random), timed on its own copy.
     updating = copy.deepcopy(base)
     opt_u = torch.optim.SGD(updating.parameters(), lr=1e-3, momentum=0.99)
-    updater = sf.DynamicSparsity(updating, opt_u, density=0.2, granularity=granularity,
-                                 schedule=sf.schedules.Constant(every=1, alpha=0.3))
+    updater = sf.DynamicSparsity(
+        updating, opt_u, density=0.2, granularity=granularity, schedule=sf.schedules.Constant(every=1, alpha=0.3)
+    )
     updating(x).float().square().mean().backward()
 
     cases = {

@@ -1,4 +1,5 @@
 """Shared benchmark helpers: interleaved timing (the machine is noisy, so A/B cases alternate in one process)."""
+
 from __future__ import annotations
 
 import os
@@ -21,12 +22,15 @@ def machine() -> str:
         pass
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
     wait = os.environ.get("OMP_WAIT_POLICY", "default")
-    return (f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; {os.cpu_count()} cores; "
-            f"OMP_WAIT_POLICY {wait}; 1-min load {load}")
+    return (
+        f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; {os.cpu_count()} cores; "
+        f"OMP_WAIT_POLICY {wait}; 1-min load {load}"
+    )
 
 
-def interleaved_times(cases: dict[Hashable, Callable[[], None]], repeats: int,
-                      warmup: int = 2) -> dict[Hashable, list[float]]:
+def interleaved_times(
+    cases: dict[Hashable, Callable[[], None]], repeats: int, warmup: int = 2
+) -> dict[Hashable, list[float]]:
     """Seconds of every call of each case, running the cases round-robin so drift hits them all alike."""
     for fn in cases.values():
         for _ in range(warmup):

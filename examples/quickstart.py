@@ -5,6 +5,7 @@ accuracy, realised density and parameter counts. Runs in well under a minute on 
 
     python examples/quickstart.py [--density 0.1] [--epochs 30]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,15 @@ import sparsefuse as sf
 
 def make_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -42,19 +49,28 @@ def run(method: str, density: float, epochs: int, seed: int, data) -> dict:
     steps = epochs * ((len(x_train) + batch - 1) // batch)
     sparsity = None
     if method != "dense":
-        schedule = None if method == "static" else sf.schedules.CosineDecay(every=20, alpha=0.3,
-                                                                             total_steps=int(0.75 * steps))
+        schedule = (
+            None if method == "static" else sf.schedules.CosineDecay(every=20, alpha=0.3, total_steps=int(0.75 * steps))
+        )
         growth = sf.growth.Gradient() if method == "rigl" else sf.growth.Random()
         # Element granularity for every layer: the kernel of a 3x3 conv on 8x8 digits is too coarse a unit.
-        sparsity = sf.DynamicSparsity(model, optimizer, density=density, granularity="element",
-                                      scorer=sf.scorers.Magnitude(), growth=growth, schedule=schedule,
-                                      distribution="erk", seed=seed)
+        sparsity = sf.DynamicSparsity(
+            model,
+            optimizer,
+            density=density,
+            granularity="element",
+            scorer=sf.scorers.Magnitude(),
+            growth=growth,
+            schedule=schedule,
+            distribution="erk",
+            seed=seed,
+        )
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     for _ in range(epochs):
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
+            idx = order[i : i + batch]
             loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -79,14 +95,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # a tiny CNN: thread hand-offs cost more than they save (300 ms vs 3.5 ms per step on a busy 2-core box)
+    torch.set_num_threads(
+        1
+    )  # a tiny CNN: thread hand-offs cost more than they save (300 ms vs 3.5 ms per step on a busy 2-core box)
     data = load_data(args.seed)
     print(f"digits: {len(data[0])} train / {len(data[1])} test images, 8x8, 10 classes; target density {args.density}")
     print(f"{'method':<8} {'accuracy':>9} {'density':>8} {'params':>8} {'updates':>8} {'seconds':>8}")
     for method in ("dense", "static", "set", "rigl"):
         r = run(method, args.density, args.epochs, args.seed, data)
-        print(f"{r['method']:<8} {r['accuracy']:>9.4f} {r['density']:>8.4f} {r['params']:>8,} "
-              f"{r['updates']:>8} {r['seconds']:>8.1f}")
+        print(
+            f"{r['method']:<8} {r['accuracy']:>9.4f} {r['density']:>8.4f} {r['params']:>8,} "
+            f"{r['updates']:>8} {r['seconds']:>8.1f}"
+        )
 
 
 if __name__ == "__main__":
