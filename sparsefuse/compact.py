@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn.shift import DepthShiftConv3d
+
+if TYPE_CHECKING:  # only for annotations: sparsity.py does not depend on this module, nor this one on it at run time
+    from .sparsity import DynamicSparsity
 
 __all__ = [
     "compact",
@@ -271,7 +275,10 @@ def _parents(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def compaction_plan(
-    model: nn.Module, sparsity, min_dead_inputs: float = MIN_DEAD_INPUTS, min_dead_outputs: float = MIN_DEAD_OUTPUTS
+    model: nn.Module,
+    sparsity: DynamicSparsity,
+    min_dead_inputs: float = MIN_DEAD_INPUTS,
+    min_dead_outputs: float = MIN_DEAD_OUTPUTS,
 ) -> dict[str, LayerCompaction]:
     """What :func:`compact` would do to each target layer, without building anything.
 
@@ -279,7 +286,8 @@ def compaction_plan(
         model: the model the sparsifier masks (DDP / DataParallel wrappers are unwrapped).
         sparsity: a :class:`sparsefuse.DynamicSparsity`, or any object with ``target_names`` and
             ``weight_mask(name)`` (a bool tensor shaped like that weight, True where active).
-        min_dead_inputs, min_dead_outputs: as for :func:`compact`.
+        min_dead_inputs: as for :func:`compact`.
+        min_dead_outputs: as for :func:`compact`.
 
     Returns:
         {module name: :class:`LayerCompaction`}, in target order.
@@ -364,7 +372,10 @@ def _gathered_shift_plan(kept: Tensor, channels: int, shift_groups: int) -> tupl
 
 
 def compact(
-    model: nn.Module, sparsity, min_dead_inputs: float = MIN_DEAD_INPUTS, min_dead_outputs: float = MIN_DEAD_OUTPUTS
+    model: nn.Module,
+    sparsity: DynamicSparsity,
+    min_dead_inputs: float = MIN_DEAD_INPUTS,
+    min_dead_outputs: float = MIN_DEAD_OUTPUTS,
 ) -> nn.Module:
     """A copy of ``model`` in which every target layer with dead channels is a smaller :class:`CompactLayer`.
 
@@ -446,7 +457,7 @@ def _unpack_bits(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
     return bits.reshape(-1)[:count].bool().reshape(shape)
 
 
-def sparse_state_dict(model: nn.Module, sparsity) -> dict:
+def sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity) -> dict:
     """A checkpoint of ``model`` that stores each masked weight as its group mask (one bit per group) and its
     active values only, in the order ``weight[weight_mask]`` reads them; everything else as ``state_dict()`` does.
 
@@ -484,7 +495,7 @@ def sparse_state_dict(model: nn.Module, sparsity) -> dict:
 
 
 @torch.no_grad()
-def load_sparse_state_dict(model: nn.Module, sparsity, state: dict) -> None:
+def load_sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity, state: dict) -> None:
     """Load a :func:`sparse_state_dict` into ``model`` and its masks into ``sparsity``.
 
     Args:
