@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import io
 
-import compaction
+import lean_ops
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,8 +192,8 @@ def test_zero_weights_are_the_masks_when_no_sparsifier_is_given():
 
 @pytest.mark.parametrize("memory_format", sorted(FORMATS))
 def test_in_place_instance_norm_equals_torchs(monkeypatch, memory_format):
-    monkeypatch.setattr(compaction, "IN_PLACE_NORM_MIN", 0)
-    monkeypatch.setattr(compaction, "NORM_SLAB", 3000)  # several slabs
+    monkeypatch.setattr(lean_ops, "IN_PLACE_NORM_MIN", 0)
+    monkeypatch.setattr(lean_ops, "NORM_SLAB", 3000)  # several slabs
     norm = nn.InstanceNorm3d(6, affine=True)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
@@ -201,14 +201,14 @@ def test_in_place_instance_norm_equals_torchs(monkeypatch, memory_format):
     x = (torch.randn(2, 6, 7, 9, 10) * 3 + 5).contiguous(memory_format=FORMATS[memory_format])
     want = F.instance_norm(x.double(), weight=norm.weight.double(), bias=norm.bias.double(), eps=norm.eps)
     with torch.no_grad():  # inference: written over its input
-        got = compaction._instance_norm(norm, x.clone(memory_format=torch.preserve_format))
+        got = lean_ops._instance_norm(norm, x.clone(memory_format=torch.preserve_format))
     assert got.is_contiguous(memory_format=FORMATS[memory_format])
     assert (got - want).abs().max().item() < 1e-5
 
 
 def test_whole_network_with_in_place_norms(monkeypatch):
-    monkeypatch.setattr(compaction, "IN_PLACE_NORM_MIN", 0)
-    monkeypatch.setattr(compaction, "NORM_SLAB", 5000)
+    monkeypatch.setattr(lean_ops, "IN_PLACE_NORM_MIN", 0)
+    monkeypatch.setattr(lean_ops, "NORM_SLAB", 5000)
     model, sparsity = sparse_demo(0.3)
     x = torch.randn(2, 1, 16, 32, 32)
     with torch.no_grad():
