@@ -155,7 +155,9 @@ class DynamicSparsity:
             magnitude starts at the bottom of the ranking; when updates are close together (short runs) it is
             dropped again before it can learn, and the layer never holds its nominal density of trained groups.
             ``grace_updates=1`` gives every regrown group one full interval. Density and drop == grow still hold:
-            when protected groups leave fewer than the scheduled number droppable, fewer are exchanged.
+            when protected groups leave fewer than the scheduled number droppable, fewer are exchanged. The drop then
+            falls on trained groups instead: with updates a few iterations apart that measured harmful (E2ENet guide,
+            "Dynamic sparsity in short runs"), so use it where regrowth has hundreds of iterations to learn.
         scaler: the ``torch.amp.GradScaler`` of a mixed-precision run, or None. When the scaler skipped the
             optimizer step (non-finite gradients), ``step()`` neither advances the schedule nor changes the
             topology: the step does not count, exactly as for the optimizer. Skips are detected by the scale

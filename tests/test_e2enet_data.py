@@ -396,6 +396,34 @@ def test_loader_is_deterministic_and_resumes_exactly(mni_preprocessed):
     assert not same(head, draw(loader.TrainLoader(report.directory, ids, plans, seed=8), 4))
 
 
+def test_augmentation_recipes_do_what_they_say(mni_preprocessed):
+    """Same seed, same patches: "light" changes intensities only and never resamples, so without mirroring its
+    labels are exactly those of "none"; with mirror_axes=(0,) each label patch is the same or flipped along x."""
+    _, plans, report = mni_preprocessed
+    ids = plans.fingerprint.case_ids
+
+    def batches(**kwargs):
+        source = loader.TrainLoader(report.directory, ids, plans, seed=3, **kwargs)
+        return [next(source) for _ in range(6)]
+
+    plain = batches(augment="none")
+    unmirrored = batches(augment="light", mirror_axes=())
+    mirrored = batches(augment="light", mirror_axes=(0,))
+    assert all(torch.equal(a["label"], b["label"]) for a, b in zip(plain, unmirrored, strict=True))
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(plain, unmirrored, strict=True))
+    flips = 0
+    for a, b in zip(plain, mirrored, strict=True):
+        for x, y in zip(a["label"], b["label"], strict=True):  # (1, X, Y, Z) each
+            flipped = torch.equal(x.flip(1), y)
+            assert torch.equal(x, y) or flipped
+            flips += flipped and not torch.equal(x, y)
+    assert flips > 0
+    with pytest.raises(ValueError, match="augment must be one of"):
+        loader.TrainLoader(report.directory, ids, plans, seed=0, augment="strong")
+    with pytest.raises(ValueError, match="mirror_axes must be distinct axes"):
+        loader.TrainLoader(report.directory, ids, plans, seed=0, augment="light", mirror_axes=(3,))
+
+
 def test_explicit_patch_larger_than_the_data_is_refused(mni_preprocessed):
     out, plans, report = mni_preprocessed
     meta = {"channel_names": plans.channel_names, "labels": plans.labels}

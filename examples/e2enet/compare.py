@@ -130,7 +130,7 @@ def summarise(runs: list[dict]) -> dict:
         "mdice_std": float(dice.std(ddof=1)) if len(runs) > 1 else 0.0,
         "dice_per_class": dict(zip(classes, per_class.mean(0).tolist(), strict=True)),
         "dice_per_class_std": dict(
-            zip(classes, (per_class.std(0, ddof=1) if len(runs) > 1 else 0 * per_class[0]).tolist(), strict=True)
+            zip(classes, (per_class.std(0, ddof=1) if len(runs) > 1 else np.zeros(len(classes))).tolist(), strict=True)
         ),
         "classes_never_learnt": [c for c, column in zip(classes, per_class.T, strict=True) if column.min() < 0.05],
         **{k: runs[0][k] for k in ("params", "flops", "flops_macs", "patch", "iterations")},
