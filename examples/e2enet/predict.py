@@ -122,7 +122,10 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
             layout = torch.channels_last_3d if config["preset"] == "paper" else torch.contiguous_format
             models.append(compact_e2enet(model.eval(), None, layout).to(device))
             continue
-        models.append(model.to(device, memory_format=torch.channels_last_3d).eval())
+        # Uncompacted inference measured slower in channels_last_3d on the CPU for both presets and both
+        # networks (1.04-1.24x, docs/benchmarks.md); on CUDA it is the layout cuDNN's fast kernels want.
+        layout = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+        models.append(model.to(device, memory_format=layout).eval())
     return models, plans, config, paths
 
 
