@@ -352,3 +352,21 @@ def test_cli_runs_as_a_script():
         timeout=120,
     ).stdout
     assert json.loads(out)["params"] == 9_445_351
+
+
+def test_channels_last_training_keeps_every_conv_unit_channels_last():
+    # torch's CPU instance norm returns contiguous tensors; a conv after it would convert back every time.
+    torch.manual_seed(0)
+    model = build_e2enet("cpu-demo", in_channels=1, num_classes=3).to(memory_format=torch.channels_last_3d)
+    layouts = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == "ConvUnit":
+            module.register_forward_hook(
+                lambda m, i, out, name=name: layouts.__setitem__(
+                    name, out.is_contiguous(memory_format=torch.channels_last_3d)
+                )
+            )
+    x = torch.randn(2, 1, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    outputs = model(x)
+    sum(o.float().mean() for o in outputs).backward()
+    assert layouts and all(layouts.values()), [name for name, kept in layouts.items() if not kept]

@@ -10,7 +10,7 @@ from model import E2ENet
 from torch import Tensor, nn
 
 from sparsefuse.compact import _target_masks
-from sparsefuse.nn import DepthShiftConv3d
+from sparsefuse.nn import ChannelsLastInstanceNorm3d, DepthShiftConv3d
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _check_unit(name: str, unit: nn.Module) -> None:
             f"{name}.conv is {conv!r}; compact_e2enet handles E2ENet's own ungrouped, zero-padded Conv3d and "
             f"DepthShiftConv3d units; use sparsefuse.compact for other layers"
         )
-    if type(unit.act) is not nn.LeakyReLU or type(unit.norm) is not nn.InstanceNorm3d:
+    if type(unit.act) is not nn.LeakyReLU or type(unit.norm) not in (nn.InstanceNorm3d, ChannelsLastInstanceNorm3d):
         raise ValueError(f"{name} is not E2ENet's conv -> InstanceNorm3d -> LeakyReLU unit: {unit!r}")
 
 

@@ -128,7 +128,8 @@ class ConvUnit(nn.Module):
             )
         else:
             self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True)
-        self.norm = nn.InstanceNorm3d(out_channels, eps=1e-5, affine=True)
+        # nn.InstanceNorm3d that keeps channels_last_3d on the CPU, where train.py runs the network.
+        self.norm = sf.nn.ChannelsLastInstanceNorm3d(out_channels, eps=1e-5, affine=True)
         self.act = nn.LeakyReLU(negative_slope=0.01, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,14 @@ from model import E2ENet, Stride, build_e2enet, stride_product
 from torch import nn
 
 ARCHITECTURES = ("e2enet", "dynunet")
+# Memory format of uncompacted CPU inference, the faster one as measured per network and preset
+# (docs/benchmarks.md, "Memory format per network and preset"). CUDA always takes channels_last_3d.
+CPU_INFERENCE_LAYOUT = {
+    ("e2enet", "paper"): torch.channels_last_3d,
+    ("e2enet", "cpu-demo"): torch.contiguous_format,
+    ("dynunet", "paper"): torch.contiguous_format,
+    ("dynunet", "cpu-demo"): torch.contiguous_format,
+}
 
 
 def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, **e2enet_options) -> nn.Module:
@@ -20,6 +28,13 @@ def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, *
     if arch == "dynunet":
         return build_dynunet(preset, in_channels=in_channels, num_classes=num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def inference_memory_format(arch: str, preset: str, device: torch.device) -> torch.memory_format:
+    """The layout to run an uncompacted network in for inference on ``device``."""
+    if device.type == "cuda":
+        return torch.channels_last_3d
+    return CPU_INFERENCE_LAYOUT.get((arch, preset), torch.contiguous_format)
 
 
 def network_stride(model: nn.Module) -> Stride:

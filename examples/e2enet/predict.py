@@ -33,7 +33,7 @@ from compaction import compact_e2enet
 from dataset import CHANNEL_FILE, problem_list, save_nifti
 from loader import to_network_layout
 from monai.inferers import sliding_window_inference
-from networks import build_model
+from networks import build_model, inference_memory_format
 from planning import PLANS_FILE
 from preprocessing import preprocess_case, revert_preprocessing
 from problems import Problem, exit_on_problem
@@ -122,9 +122,7 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
             layout = torch.channels_last_3d if config["preset"] == "paper" else torch.contiguous_format
             models.append(compact_e2enet(model.eval(), None, layout).to(device))
             continue
-        # Uncompacted inference measured slower in channels_last_3d on the CPU for both presets and both
-        # networks (1.04-1.24x, docs/benchmarks.md); on CUDA it is the layout cuDNN's fast kernels want.
-        layout = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
+        layout = inference_memory_format(config["arch"], config["preset"], device)
         models.append(model.to(device, memory_format=layout).eval())
     return models, plans, config, paths
 
