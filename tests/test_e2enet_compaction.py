@@ -19,20 +19,13 @@ from compaction import CompactNode, CompactUnit, compact_e2enet, e2enet_compacti
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model import build_e2enet, e2enet_fusion_targets
-from test_compact import FixedMasks
+from test_compact import FixedMasks, assert_matches
 from torch import nn
 
 import sparsefuse as sf
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-RELATIVE_TOLERANCE = 1e-5
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-
-
-def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape
-    scale = max(1.0, want.abs().max().item())
-    assert (got - want).abs().max().item() <= RELATIVE_TOLERANCE * scale
 
 
 def masked_reference(model: nn.Module, sparsity) -> nn.Module:

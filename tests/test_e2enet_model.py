@@ -8,6 +8,7 @@ device; real forwards use the tiny cpu-demo preset.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -359,13 +360,13 @@ def test_channels_last_training_keeps_every_conv_unit_channels_last():
     torch.manual_seed(0)
     model = build_e2enet("cpu-demo", in_channels=1, num_classes=3).to(memory_format=torch.channels_last_3d)
     layouts = {}
+
+    def record(module, inputs, output, name):
+        layouts[name] = output.is_contiguous(memory_format=torch.channels_last_3d)
+
     for name, module in model.named_modules():
         if type(module).__name__ == "ConvUnit":
-            module.register_forward_hook(
-                lambda m, i, out, name=name: layouts.__setitem__(
-                    name, out.is_contiguous(memory_format=torch.channels_last_3d)
-                )
-            )
+            module.register_forward_hook(functools.partial(record, name=name))
     x = torch.randn(2, 1, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d)
     outputs = model(x)
     sum(o.float().mean() for o in outputs).backward()

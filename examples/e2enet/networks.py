@@ -8,7 +8,7 @@ from model import E2ENet, Stride, build_e2enet, stride_product
 from torch import nn
 
 ARCHITECTURES = ("e2enet", "dynunet")
-# Memory format of uncompacted CPU inference, the faster one as measured per network and preset
+# Memory format of CPU inference, the faster one as measured per network and preset, masked or compacted
 # (docs/benchmarks.md, "Memory format per network and preset"). CUDA always takes channels_last_3d.
 CPU_INFERENCE_LAYOUT = {
     ("e2enet", "paper"): torch.channels_last_3d,
@@ -31,7 +31,7 @@ def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, *
 
 
 def inference_memory_format(arch: str, preset: str, device: torch.device) -> torch.memory_format:
-    """The layout to run an uncompacted network in for inference on ``device``."""
+    """The layout to run a network (masked or compacted) in for inference on ``device``."""
     if device.type == "cuda":
         return torch.channels_last_3d
     return CPU_INFERENCE_LAYOUT.get((arch, preset), torch.contiguous_format)
