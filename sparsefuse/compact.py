@@ -512,15 +512,16 @@ def load_sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity, state: d
             f"sparsefuse.compact.sparse_state_dict(model, sparsity)"
         )
     model = _unwrap(model)
+    # Checked before anything is loaded, so that a state dict of another model leaves this one untouched.
+    expected, saved = set(model.state_dict()), set(state["dense"]) | set(state["values"])
+    if expected != saved:
+        raise ValueError(
+            f"sparse state dict does not fit this model: {sorted(expected ^ saved)} missing or unexpected; build "
+            f"the model with the arguments of the one that was saved"
+        )
     groups = {name: _unpack_bits(packed, tuple(state["mask_shapes"][name])) for name, packed in state["masks"].items()}
     sparsity.load_state_dict({"step": 0, "seed": sparsity.seed, "masks": groups})
-    result = model.load_state_dict(state["dense"], strict=False)
-    unexpected = sorted(set(result.missing_keys) - set(groups)) + sorted(result.unexpected_keys)
-    if unexpected:
-        raise ValueError(
-            f"sparse state dict does not fit this model: {unexpected} missing or unexpected; build the model "
-            f"with the arguments of the one that was saved"
-        )
+    model.load_state_dict(state["dense"], strict=False)
     params = dict(model.named_parameters())
     for name, values in state["values"].items():
         weight, mask = params[name], sparsity.weight_mask(name).to(params[name].device)

@@ -6,6 +6,7 @@ nonzero terms as the masked dense ones, only in another order (and with other co
 
 from __future__ import annotations
 
+import copy
 import io
 import types
 
@@ -412,6 +413,14 @@ def test_sparse_state_dict_refuses_another_granularity_or_model():
         load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None, granularity="input_channel"), saved)
     with pytest.raises(ValueError, match="not a sparse state dict"):
         load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None), fresh.state_dict())
+    # A model of other widths is refused before anything is loaded: its weights and masks stay as they were.
+    other = nn.Sequential(nn.Conv3d(12, 8, (1, 3, 3)), nn.Conv3d(8, 4, 1))
+    other_masks = sf.DynamicSparsity(other, None, density=0.5)
+    weights, masks = copy.deepcopy(other.state_dict()), copy.deepcopy(other_masks.masks)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_sparse_state_dict(other, other_masks, saved)
+    assert all(torch.equal(weights[k], v) for k, v in other.state_dict().items())
+    assert all(torch.equal(masks[k], other_masks.masks[k]) for k in masks)
     weight_masks_only = types.SimpleNamespace(
         target_names=("0.weight",), weight_mask=lambda name: torch.ones(8, 12, 1, 3, 3, dtype=torch.bool)
     )
