@@ -472,7 +472,7 @@ def sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity) -> dict:
     Returns:
         A dict of tensors and plain values (``torch.save`` it; ``torch.load(..., weights_only=True)`` reads it):
         ``format``, ``dense`` (the state dict without the target weights), ``masks`` (packed bits),
-        ``mask_shapes`` and ``values``. Load it with :func:`load_sparse_state_dict`. It is a checkpoint for
+        ``mask_shapes``, ``granularity`` (the repr of each bound granularity, checked on load) and ``values``. Load it with :func:`load_sparse_state_dict`. It is a checkpoint for
         inference or a fresh start: the sparsifier's schedule position and update history are not in it.
     """
     model = _unwrap(model)
@@ -490,6 +490,7 @@ def sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity) -> dict:
         "dense": {k: v for k, v in state.items() if k not in masks},
         "masks": {name: _pack_bits(groups[name].cpu()) for name in masks},
         "mask_shapes": {name: list(groups[name].shape) for name in masks},
+        "granularity": {name: repr(sparsity.granularity_of(name)) for name in masks},
         "values": {name: state[name][mask.to(state[name].device)] for name, mask in masks.items()},
     }
 
@@ -519,16 +520,33 @@ def load_sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity, state: d
             f"sparse state dict does not fit this model: {sorted(expected ^ saved)} missing or unexpected; build "
             f"the model with the arguments of the one that was saved"
         )
+    targets, saved_targets = set(sparsity.granularities()), set(state["masks"])
+    if targets != saved_targets:
+        raise ValueError(
+            f"sparse state dict masks {sorted(saved_targets - targets)} are not targets of this sparsifier and "
+            f"{sorted(targets - saved_targets)} were not saved; build DynamicSparsity with the targets of the run "
+            f"that saved it"
+        )
+    sparsity.check_granularities(state.get("granularity"))
     groups = {name: _unpack_bits(packed, tuple(state["mask_shapes"][name])) for name, packed in state["masks"].items()}
-    sparsity.load_state_dict({"step": 0, "seed": sparsity.seed, "masks": groups})
-    model.load_state_dict(state["dense"], strict=False)
     params = dict(model.named_parameters())
     for name, values in state["values"].items():
-        weight, mask = params[name], sparsity.weight_mask(name).to(params[name].device)
-        if int(mask.sum()) != values.numel():
+        granularity, shape = sparsity.granularity_of(name), params[name].shape
+        if tuple(groups[name].shape) != granularity.groups_shape(shape):
             raise ValueError(
-                f"{name}: the mask has {int(mask.sum())} active weights but {values.numel()} values were saved; "
+                f"{name}: the saved mask has shape {tuple(groups[name].shape)}, this model's weight needs "
+                f"{granularity.groups_shape(shape)} ({granularity!r}); the state dict comes from a different model "
+                f"or granularity"
+            )
+        active = int(granularity.to_weight(groups[name], shape).sum())
+        if active != values.numel():
+            raise ValueError(
+                f"{name}: the mask has {active} active weights but {values.numel()} values were saved; "
                 f"the sparsifier's granularity differs from the one that saved them"
             )
+    sparsity.load_state_dict({"step": 0, "seed": sparsity.seed, "masks": groups})
+    model.load_state_dict(state["dense"], strict=False)
+    for name, values in state["values"].items():
+        weight, mask = params[name], sparsity.weight_mask(name).to(params[name].device)
         weight.zero_()
         weight[mask] = values.to(weight.device, weight.dtype)

@@ -383,6 +383,25 @@ class DynamicSparsity:
     def granularity_of(self, name: str) -> Granularity:
         return self._target(name).granularity
 
+    def granularities(self) -> dict[str, str]:
+        """{target name: repr of its bound granularity}, as state dicts record it."""
+        return {t.name: repr(t.granularity) for t in self._targets}
+
+    def check_granularities(self, saved: Mapping[str, str] | None) -> None:
+        """Raise ValueError if a state dict's recorded granularities differ from this sparsifier's (state dicts
+        saved before they were recorded carry none and pass)."""
+        if saved is None:
+            return
+        here = self.granularities()
+        differ = {name: (saved[name], now) for name, now in here.items() if name in saved and saved[name] != now}
+        if differ:
+            name, (was, now) = next(iter(differ.items()))
+            raise ValueError(
+                f"state dict masks were saved with another granularity: {name!r} was {was}, this sparsifier has "
+                f"{now} ({len(differ)} target(s) differ); build DynamicSparsity with the granularity of the run "
+                f"that saved it"
+            )
+
     def density(self, name: str | None = None) -> float:
         """Active groups / all groups of one weight; without a name, active / all weights over every target."""
         if name is not None:
@@ -427,6 +446,9 @@ class DynamicSparsity:
             "step": self._step,
             "seed": self.seed,
             "masks": {t.name: t.mask.cpu().clone() for t in self._targets},
+            # Two granularities can share a group shape (Channel(dim=0) and InputChannel on a square weight): the
+            # shape alone cannot tell a mask's meaning, so the granularity travels with it.
+            "granularity": self.granularities(),
             "grown_at": {t.name: t.grown_at.cpu().clone() for t in self._targets},
             "ever_active": {t.name: t.ever_active.cpu().clone() for t in self._targets},
             "history": [r.to_dict() for r in self.history],
@@ -449,6 +471,7 @@ class DynamicSparsity:
                 f"unexpected {unexpected}; build DynamicSparsity with the same model and targets "
                 f"as the run that saved it"
             )
+        self.check_granularities(state.get("granularity"))
         for name, mask in masks.items():
             t = self._by_name[name]
             if tuple(mask.shape) != t.groups_shape:

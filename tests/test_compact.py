@@ -409,8 +409,12 @@ def test_sparse_state_dict_refuses_another_granularity_or_model():
     model = shift_and_fusion_model()
     saved = sparse_state_dict(model, trained_masks(model, "kernel"))
     fresh = shift_and_fusion_model()
-    with pytest.raises(ValueError, match="different model or granularity"):
+    with pytest.raises(ValueError, match="saved with another granularity"):
         load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None, granularity="input_channel"), saved)
+    # A state dict that records no granularity is still refused on the mask shapes.
+    unrecorded = {k: v for k, v in saved.items() if k != "granularity"}
+    with pytest.raises(ValueError, match="different model or granularity"):
+        load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None, granularity="input_channel"), unrecorded)
     with pytest.raises(ValueError, match="not a sparse state dict"):
         load_sparse_state_dict(fresh, sf.DynamicSparsity(fresh, None), fresh.state_dict())
     # A model of other widths is refused before anything is loaded: its weights and masks stay as they were.
@@ -426,3 +430,25 @@ def test_sparse_state_dict_refuses_another_granularity_or_model():
     )
     with pytest.raises(TypeError, match="group masks"):
         sparse_state_dict(model, weight_masks_only)
+
+
+def test_masks_of_one_shape_but_another_granularity_are_refused():
+    """On a square weight, output-channel and input-channel masks have the same shape and can hold the same
+    number of active weights: only the recorded granularity tells them apart."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    rows = sf.DynamicSparsity(model, None, density=0.5, granularity=sf.masks.Channel(dim=0), seed=0)
+    saved_sparse, saved_masks = sparse_state_dict(model, rows), rows.state_dict()
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    columns = sf.DynamicSparsity(fresh, None, density=0.5, granularity="input_channel", seed=1)
+    weights, masks = copy.deepcopy(fresh.state_dict()), copy.deepcopy(columns.masks)
+    with pytest.raises(ValueError, match="was Channel\\(dim=0\\), this sparsifier has InputChannel"):
+        load_sparse_state_dict(fresh, columns, saved_sparse)
+    with pytest.raises(ValueError, match="saved with another granularity"):
+        columns.load_state_dict(saved_masks)
+    assert all(torch.equal(weights[k], v) for k, v in fresh.state_dict().items())
+    assert all(torch.equal(masks[k], columns.masks[k]) for k in masks)
+    # The same granularity loads, including a state dict saved before granularities were recorded.
+    same = sf.DynamicSparsity(fresh, None, density=0.5, granularity=sf.masks.Channel(dim=0), seed=1)
+    load_sparse_state_dict(fresh, same, {k: v for k, v in saved_sparse.items() if k != "granularity"})
+    assert all(torch.equal(rows.masks[k], same.masks[k]) for k in rows.target_names)
