@@ -472,8 +472,9 @@ def sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity) -> dict:
     Returns:
         A dict of tensors and plain values (``torch.save`` it; ``torch.load(..., weights_only=True)`` reads it):
         ``format``, ``dense`` (the state dict without the target weights), ``masks`` (packed bits),
-        ``mask_shapes``, ``granularity`` (the repr of each bound granularity, checked on load) and ``values``. Load it with :func:`load_sparse_state_dict`. It is a checkpoint for
-        inference or a fresh start: the sparsifier's schedule position and update history are not in it.
+        ``mask_shapes``, ``granularity`` (the repr of each bound granularity, checked on load) and ``values``.
+        Load it with :func:`load_sparse_state_dict`. It is a checkpoint for inference or a fresh start: the
+        sparsifier's schedule position and update history are not in it.
     """
     model = _unwrap(model)
     missing = [m for m in ("masks", "target_names", "weight_mask") if not hasattr(sparsity, m)]
