@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("monai")
 pytest.importorskip("nilearn")
 
+import checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
 import prepare_mni  # noqa: E402
@@ -130,6 +131,19 @@ def test_resume_with_another_configuration_is_refused(dataset, finished_run, cap
         train.main(run_args(dataset, out, "--resume", density=0.3))
     assert refused.value.code == 2
     assert "another configuration: density saved 0.2 vs now 0.3" in capsys.readouterr().err
+
+
+def test_resume_compares_the_learning_rate_and_knows_what_older_checkpoints_ran_with(tmp_path):
+    config = {key: 0 for key in checkpoint.RESUME_KEYS} | {"world_size": 1, "lr": 0.01}
+    path = tmp_path / "checkpoint_latest.pth"
+    checkpoint.check_resumable(dict(config), config, path)
+    with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.02"):
+        checkpoint.check_resumable(dict(config), config | {"lr": 0.02}, path)
+    # Checkpoints written before the learning rate was recorded all ran at 0.01.
+    unrecorded = {k: v for k, v in config.items() if k != "lr"}
+    checkpoint.check_resumable(unrecorded, config, path)
+    with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.02"):
+        checkpoint.check_resumable(unrecorded, config | {"lr": 0.02}, path)
 
 
 def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path, capsys):

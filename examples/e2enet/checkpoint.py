@@ -24,6 +24,7 @@ RESUME_KEYS = (
     "granularity",
     "epochs",
     "iters_per_epoch",
+    "lr",
     "update_every",
     "grace_updates",
     "augment",
@@ -35,6 +36,8 @@ RESUME_KEYS = (
     "batch_size",
     "world_size",
 )
+# What a checkpoint written before a key was recorded ran with.
+UNRECORDED_DEFAULTS = {"lr": 0.01}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -66,7 +69,8 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
             f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
             f"is restored; or use another --out to start a new run"
         )
-    different = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if saved.get(k) != config[k]}
+    recorded = {k: saved.get(k, UNRECORDED_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    different = {k: (recorded[k], config[k]) for k in RESUME_KEYS if recorded[k] != config[k]}
     if different:
         raise Problem(
             f"{path} was written by another configuration: "

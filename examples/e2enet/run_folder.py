@@ -37,6 +37,7 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "granularity": args.granularity,
         "epochs": args.epochs,
         "iters_per_epoch": args.iters_per_epoch,
+        "lr": args.lr,
         "update_every": args.update_every,
         "grace_updates": args.grace_updates,
         "augment": args.augment,

@@ -5,7 +5,7 @@
         [--arch e2enet|dynunet] [--no-amp]
     torchrun --nproc_per_node N examples/e2enet/train.py ...   (same flags; DDP, nccl on GPUs, gloo on CPU)
 
-The authors' recipe, corrected (see docs/e2enet.md): SGD lr 0.01, momentum 0.99, Nesterov, weight decay 3e-5,
+The authors' recipe, corrected (see docs/e2enet.md): SGD lr 0.01 (`--lr`), momentum 0.99, Nesterov, weight decay 3e-5,
 poly(0.9) learning rate set once per epoch, Dice + CE with deep supervision (8/15, 4/15, 2/15, 1/15), gradient
 norm clipped to 12, and DSFF: the fusion conv and transposed-conv weights keep a fraction ``density`` of their
 kernels; every ``update_every`` iterations the lowest-L1 kernels are dropped and as many regrown at random, the
@@ -72,6 +72,7 @@ PRESET_RUNS = {
         patch_voxel_budget=128**3,
         batch_voxel_budget=2 * 128**3,
         augment="nnunet",
+        lr=0.01,
     ),
     # A few thousand iterations at most: the recipe measured to learn best there (docs/e2enet.md, "Accuracy at CPU
     # budgets"): no augmentation.
@@ -82,9 +83,10 @@ PRESET_RUNS = {
         patch_voxel_budget=48**3,
         batch_voxel_budget=2 * 48**3,
         augment="none",
+        lr=0.01,
     ),
 }
-LR, MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.01, 0.99, 3e-5, 0.9, 12.0
+MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.99, 3e-5, 0.9, 12.0
 DROP_FRACTION = 0.5  # the paper's death rate alpha
 PAPER_UPDATE_EVERY = 1200
 GRANULARITIES = ("kernel", "input_channel")
@@ -115,6 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="dynunet: MONAI DynUNet configured like nnU-Net 3d_fullres, the dense baseline",
     )
     p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="SGD's initial learning rate (default: the preset's)")
     p.add_argument("--iters-per-epoch", type=int, default=None)
     p.add_argument("--val-iters", type=int, default=None, help="validation batches per epoch (pseudo-Dice)")
     p.add_argument("--update-every", type=int, default=None, help="iterations between topology updates")
@@ -176,6 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(
             "--density < 1, --static and --granularity sparsify E2ENet's fusion layers; use them with --arch e2enet"
         )
+    if not args.lr > 0:
+        p.error(f"--lr must be positive, got {args.lr}")
     if args.epochs < 1 or args.iters_per_epoch < 1:
         p.error("--epochs and --iters-per-epoch must be positive")
     if args.grace_updates < 0:
@@ -251,8 +256,8 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
     )
 
 
-def poly_lr(epoch: int, epochs: int) -> float:
-    return LR * (1 - epoch / epochs) ** POLY_EXPONENT
+def poly_lr(initial: float, epoch: int, epochs: int) -> float:
+    return initial * (1 - epoch / epochs) ** POLY_EXPONENT
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -283,7 +288,9 @@ def main(argv=None) -> dict:
     # ---- model, optimizer, sparsity, loss, loaders
     torch.manual_seed(args.seed)
     model, train_model = build_network(args, plans, procs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY
+    )
     total_iters = args.epochs * args.iters_per_epoch
     # Disabled (a pass-through, bit-identical to plain fp32 steps) unless AMP is on.
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -323,7 +330,7 @@ def main(argv=None) -> dict:
     # ---- train
     for epoch in range(start_epoch, args.epochs):
         started = time.perf_counter()
-        lr = poly_lr(epoch, args.epochs)
+        lr = poly_lr(args.lr, epoch, args.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
