@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import unwrap_model
 from .nn.shift import DepthShiftConv3d
 
 if TYPE_CHECKING:  # only for annotations: sparsity.py does not depend on this module, nor this one on it at run time
@@ -34,11 +35,11 @@ __all__ = [
     "CompactLayer",
     "sparse_state_dict",
     "load_sparse_state_dict",
+    "target_weight_masks",
 ]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 # Below these fractions of dead channels a smaller layer saves less than the gather (inputs) or the scatter back
 # to full width (outputs) costs, measured on CPU in bench/bench_compact.py; oneDNN computes output channels in
@@ -172,13 +173,7 @@ def _select(live: Tensor, groups: int) -> Tensor:
     return order.sort(dim=1).values
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while isinstance(model, _WRAPPERS):
-        model = model.module
-    return model
-
-
-def _target_masks(model: nn.Module, sparsity) -> dict[str, Tensor]:
+def target_weight_masks(model: nn.Module, sparsity) -> dict[str, Tensor]:
     """{parameter name: weight-shaped bool mask} for every target of ``sparsity``, checked against ``model``."""
     missing = [m for m in ("target_names", "weight_mask") if not hasattr(sparsity, m)]
     if missing:
@@ -292,11 +287,11 @@ def compaction_plan(
     Returns:
         {module name: :class:`LayerCompaction`}, in target order.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     parents = _parents(model)
     return {
         name: _plan_layer(name, module, mask, parents.get(name), min_dead_inputs, min_dead_outputs)[0]
-        for name, (module, mask) in _layers(model, _target_masks(model, sparsity)).items()
+        for name, (module, mask) in _layers(model, target_weight_masks(model, sparsity)).items()
     }
 
 
@@ -415,8 +410,8 @@ def compact(
         A new module with the same inputs and outputs as ``model``; it traces with ``torch.export`` and runs
         under ``torch.compile``. Its topology is fixed: fine-tune it, if at all, without a sparsifier.
     """
-    model = _unwrap(model)
-    masks = _target_masks(model, sparsity)
+    model = unwrap_model(model)
+    masks = target_weight_masks(model, sparsity)
     parents = _parents(model)
     copied = copy.deepcopy(model)
     copied_params = dict(copied.named_parameters())
@@ -476,14 +471,14 @@ def sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity) -> dict:
         Load it with :func:`load_sparse_state_dict`. It is a checkpoint for inference or a fresh start: the
         sparsifier's schedule position and update history are not in it.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     missing = [m for m in ("masks", "target_names", "weight_mask") if not hasattr(sparsity, m)]
     if missing:
         raise TypeError(
             f"sparse_state_dict needs the sparsifier's group masks (a sparsefuse.DynamicSparsity); "
             f"{type(sparsity).__name__} lacks {', '.join(missing)}"
         )
-    masks = _target_masks(model, sparsity)
+    masks = target_weight_masks(model, sparsity)
     state = model.state_dict()
     groups = sparsity.masks
     return {
@@ -513,7 +508,7 @@ def load_sparse_state_dict(model: nn.Module, sparsity: DynamicSparsity, state: d
             f"not a sparse state dict (expected format {SPARSE_FORMAT!r}); save one with "
             f"sparsefuse.compact.sparse_state_dict(model, sparsity)"
         )
-    model = _unwrap(model)
+    model = unwrap_model(model)
     # Checked before anything is loaded, so that a state dict of another model leaves this one untouched.
     expected, saved = set(model.state_dict()), set(state["dense"]) | set(state["values"])
     if expected != saved:

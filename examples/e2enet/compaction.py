@@ -32,9 +32,10 @@ from liveness import _pairs, _Planner, _Unit, _weight_masks
 from model import E2ENet
 from torch import Tensor, nn
 
-from sparsefuse.compact import LayerCompaction, _unwrap
+from sparsefuse.compact import LayerCompaction
+from sparsefuse.distributed import unwrap_model
 from sparsefuse.nn import DepthShiftConv3d
-from sparsefuse.nn.shift import _shift_plan
+from sparsefuse.nn.shift import shift_plan
 
 __all__ = [
     "CompactE2ENet",
@@ -174,7 +175,7 @@ def _build_unit(
             getattr(kept_norm, name).copy_(tensor[out_index])
     shifts = torch.zeros(conv.in_channels, dtype=torch.long)
     if isinstance(conv, DepthShiftConv3d):
-        for start, count, shift in _shift_plan(conv.in_channels, conv.shift_groups):
+        for start, count, shift in shift_plan(conv.in_channels, conv.shift_groups):
             shifts[start : start + count] = shift
     runs, fills, whole = _assembly([(part, src, int(shifts[full])) for part, src, full in layout], part_widths)
     act = nn.LeakyReLU(unit.module.act.negative_slope, inplace=True)
@@ -222,7 +223,7 @@ def _build_head(head: nn.Conv3d, mask: Tensor, read: Tensor, memory_format: torc
 
 
 def _plan_and_masks(model: nn.Module, sparsity) -> tuple[E2ENet, dict[str, Tensor], _Planner]:
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not isinstance(model, E2ENet):
         raise TypeError(
             f"compact_e2enet takes an E2ENet (model.build_e2enet), got {type(model).__name__}; "

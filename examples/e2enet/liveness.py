@@ -9,7 +9,7 @@ import torch
 from model import E2ENet
 from torch import Tensor, nn
 
-from sparsefuse.compact import _target_masks
+from sparsefuse.compact import target_weight_masks
 from sparsefuse.nn import ChannelsLastInstanceNorm3d, DepthShiftConv3d
 
 
@@ -54,7 +54,7 @@ def _weight_masks(model: E2ENet, sparsity) -> dict[str, Tensor]:
     names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
     if sparsity is None:
         return {name: params[name].detach() != 0 for name in names}
-    masks = _target_masks(model, sparsity)
+    masks = target_weight_masks(model, sparsity)
     return {name: masks[name] if name in masks else torch.ones_like(params[name], dtype=torch.bool) for name in names}
 
 

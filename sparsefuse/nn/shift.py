@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["DepthShift", "DepthShiftConv3d", "depth_shift"]
+__all__ = ["DepthShift", "DepthShiftConv3d", "depth_shift", "shift_plan"]
 
 _DIM_NAMES = {2: "depth", 3: "height", 4: "width"}
 
@@ -40,8 +40,9 @@ def _check_shift_args(shift_groups: int, dim: int, dim_arg: str = "dim") -> None
         raise ValueError(f"{dim_arg} must be 2 (depth), 3 (height) or 4 (width) of an NCDHW tensor, got {dim!r}")
 
 
-def _shift_plan(channels: int, shift_groups: int) -> _Plan:
-    """Channel groups as ``torch.chunk(x, shift_groups, dim=1)`` makes them.
+def shift_plan(channels: int, shift_groups: int) -> _Plan:
+    """The channel groups of a depth shift, as ``(start, count, shift)`` runs: the groups that
+    ``torch.chunk(x, shift_groups, dim=1)`` makes.
 
     Chunk size is ``ceil(C / n)``, the last chunk may be smaller and there may be
     fewer than ``n`` chunks (C=4, n=3 gives [2, 2] with shifts -1, 0). Chunk ``g``
@@ -121,7 +122,7 @@ def depth_shift(x: torch.Tensor, shift_groups: int = 3, dim: int = 2) -> torch.T
     if not isinstance(x, torch.Tensor) or x.dim() != 5:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"input must be a 5-D (B, C, D, H, W) tensor, got {shape}")
-    return _DepthShiftFn.apply(x, _shift_plan(x.size(1), shift_groups), dim)
+    return _DepthShiftFn.apply(x, shift_plan(x.size(1), shift_groups), dim)
 
 
 # Let torch.fx.symbolic_trace record the shift as one call instead of tracing into
