@@ -17,6 +17,7 @@ pytest.importorskip("monai")
 pytest.importorskip("nilearn")
 
 import checkpoint  # noqa: E402
+import compare  # noqa: E402
 import evaluate  # noqa: E402
 import predict  # noqa: E402
 import prepare_mni  # noqa: E402
@@ -352,3 +353,23 @@ def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(d
     assert np.array_equal(labels[0], labels[1])
     probs = [np.load(outputs[k] / case.replace(".nii.gz", ".npz"))["probabilities"] for k in (False, True)]
     assert np.abs(probs[0].astype(np.float32) - probs[1].astype(np.float32)).max() < 1e-3
+
+
+def test_compare_reports_mean_and_spread_over_seeds_under_one_recipe(dataset, tmp_path):
+    workdir = tmp_path / "compare"
+    settings = ["E2ENet dense", "DynUNet (nnU-Net)"]
+    rows = compare.main(
+        ["--data", str(dataset), "--workdir", str(workdir), "--seeds", "2", "--settings", *settings]
+        + ["--epochs", "1", "--iters-per-epoch", "2", "--lr", "0.02", "--json", str(workdir / "rows.json")]
+    )
+    assert [r["name"] for r in rows] == settings
+    for row in rows:
+        dice = [run["mdice"] for run in row["runs"]]
+        assert row["seeds"] == [0, 1] and row["iterations"] == 2
+        assert row["mdice"] == pytest.approx(np.mean(dice)) and row["mdice_std"] == pytest.approx(np.std(dice, ddof=1))
+        for seed in (0, 1):  # every run trained with the recipe asked for
+            run = workdir / compare.folder_name(row["name"]) / f"seed_{seed}"
+            config = checkpoint.load_checkpoint(run / "fold_0" / "checkpoint_final.pth")["config"]
+            assert config["lr"] == 0.02 and config["seed"] == seed
+    assert json.loads((workdir / "rows.json").read_text())["rows"][0]["name"] == settings[0]
+    assert (workdir / "learning_curves.png").stat().st_size > 0

@@ -1,7 +1,8 @@
 """E2ENet dense and sparse, its static ablation and the nnU-Net baseline, under one budget and over seeds.
 
     python examples/e2enet/compare.py [--task tissue|regions | --data DATASET_DIR] [--seeds 3]
-        [--settings NAME ...] [--epochs E] [--iters-per-epoch N] [--workdir runs/compare] [--json results.json]
+        [--settings NAME ...] [--epochs E] [--iters-per-epoch N] [--lr LR] [--workdir runs/compare]
+        [--json results.json]
 
 Trains every setting with seeds 0..N-1, one run after the other in this process, on the same data, fold and
 budget (train.py's ``cpu-demo`` recipe unless ``--preset paper``): E2ENet dense, DSFF at densities 0.2 and 0.1,
@@ -56,6 +57,7 @@ def run_setting(
     preset: str,
     epochs: int | None = None,
     iters_per_epoch: int | None = None,
+    lr: float | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
@@ -63,6 +65,7 @@ def run_setting(
     budget = [
         *(["--epochs", str(epochs)] if epochs else []),
         *(["--iters-per-epoch", str(iters_per_epoch)] if iters_per_epoch else []),
+        *(["--lr", str(lr)] if lr else []),
     ]
     argv = [
         "--data",
@@ -191,6 +194,7 @@ def main(argv=None) -> list[dict]:
     )
     p.add_argument("--epochs", type=int, default=None, help="default: the preset's")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=float, default=None, help="SGD's initial learning rate (default: the preset's)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
     if args.seeds < 1:
@@ -214,6 +218,7 @@ def main(argv=None) -> list[dict]:
                 preset=args.preset,
                 epochs=args.epochs,
                 iters_per_epoch=args.iters_per_epoch,
+                lr=args.lr,
                 seed=seed,
             )
             for seed in range(args.seeds)
