@@ -24,7 +24,7 @@ OpenMP threads sleep between parallel regions here (OMP_WAIT_POLICY=PASSIVE unle
 shared with other processes, spinning workers lose their core at every barrier, which made 2-thread times 1.7x
 (DynUNet) to 4x (compacted E2ENet, many small ops) slower than 1-thread times in measurement.
 
-    python bench/bench_e2enet.py [--quick] [--threads 2]
+    python bench/bench_e2enet.py [--quick] [--threads 2] [--sections 1 2 3 4 5 6]
 """
 
 from __future__ import annotations
@@ -369,24 +369,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repeat of everything (a smoke run, noisy)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--sections", type=int, nargs="+", choices=range(1, 7), default=list(range(1, 7)), help="sections to run"
+    )
     args = parser.parse_args()
     args.repeats_64, args.repeats_128, args.repeats_demo = (1, 1, 2) if args.quick else (3, 3, 7)
     torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"load average at start (1/5/15 min): {load()}")
 
-    dense_e2e = e2enet("paper")
-    x = torch.randn(1, IN_CHANNELS, 64, 64, 64)
-    breakdown({"E2ENet dense, contiguous": dense_e2e, "compacted 0.1, channels_last": compacted(dense_e2e, 0.1)}, x)
-    del dense_e2e
-    times = interleaved({**split_conv_cases(1.0), **split_conv_cases(0.1)}, 3 if args.quick else 7, warmup=1)
-    print("\n2. Fusion conv of x(0, 1) at 64^3 (48 + 48 input channels -> 48, shifted), median ms")
-    for (read, how), seconds in times.items():
-        print(f"  {read:>10}: {how:<36} {seconds * 1e3:8.1f}")
-    inference_64(args)
-    inference_128(args)
-    cpu_demo(args)
-    checkpoint_sizes()
+    if 1 in args.sections:
+        dense_e2e = e2enet("paper")
+        x = torch.randn(1, IN_CHANNELS, 64, 64, 64)
+        breakdown({"E2ENet dense, contiguous": dense_e2e, "compacted 0.1, channels_last": compacted(dense_e2e, 0.1)}, x)
+        del dense_e2e
+    if 2 in args.sections:
+        times = interleaved({**split_conv_cases(1.0), **split_conv_cases(0.1)}, 3 if args.quick else 7, warmup=1)
+        print("\n2. Fusion conv of x(0, 1) at 64^3 (48 + 48 input channels -> 48, shifted), median ms")
+        for (read, how), seconds in times.items():
+            print(f"  {read:>10}: {how:<36} {seconds * 1e3:8.1f}")
+    sections = {3: inference_64, 4: inference_128, 5: cpu_demo, 6: lambda args: checkpoint_sizes()}
+    for number, run in sections.items():
+        if number in args.sections:
+            run(args)
     print(f"\nload average at end (1/5/15 min): {load()}")
 
 
