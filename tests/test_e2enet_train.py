@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 import torch
 
+import sparsefuse as sf
+
 pytest.importorskip("monai")
 pytest.importorskip("nilearn")
 
 import checkpoint  # noqa: E402
 import compare  # noqa: E402
 import evaluate  # noqa: E402
+import networks  # noqa: E402
+import planning  # noqa: E402
 import predict  # noqa: E402
 import prepare_mni  # noqa: E402
+import run_folder  # noqa: E402
 import train  # noqa: E402
 
 EPOCHS, ITERS = 3, 3
@@ -145,6 +150,24 @@ def test_resume_compares_the_learning_rate_and_knows_what_older_checkpoints_ran_
     checkpoint.check_resumable(unrecorded, config, path)
     with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.02"):
         checkpoint.check_resumable(unrecorded, config | {"lr": 0.02}, path)
+
+
+def test_runs_from_before_the_network_arguments_were_recorded_rebuild_as_they_were_trained(finished_run, tmp_path):
+    """cpu-demo E2ENets were shifted until the preset changed; configs of that time carry no model_arguments."""
+    out, trained = finished_run
+    current = checkpoint.load_checkpoint(out / "fold_0" / "checkpoint_final.pth")["config"]
+    assert current["model_arguments"]["shift"] is False
+    assert not isinstance(trained["model"].encoder[1][0].conv, sf.nn.DepthShiftConv3d)
+    older = {k: v for k, v in current.items() if k not in ("model_arguments", "lr")}
+    assert networks.recorded_model_arguments(older)["shift"] is True
+    with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.04.*model_arguments saved"):
+        checkpoint.check_resumable(older, current, tmp_path / "checkpoint_latest.pth")
+    plans = planning.Plans.load(out / "plans.json")
+    problems = run_folder.fold_problems(tmp_path / "old.pth", older, plans, current)
+    assert len(problems) == 1 and "model_arguments" in problems[0]
+    arguments = networks.recorded_model_arguments(older)
+    rebuilt = networks.build_model("e2enet", "cpu-demo", in_channels=1, num_classes=4, **arguments)
+    assert isinstance(rebuilt.encoder[1][0].conv, sf.nn.DepthShiftConv3d)
 
 
 def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path, capsys):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from atomic import atomic_write
+from networks import recorded_model_arguments
 from problems import Problem
 
 # What must match for --resume to continue a run rather than silently start another experiment.
@@ -30,14 +31,22 @@ RESUME_KEYS = (
     "augment",
     "mirror_axes",
     "model_options",
+    "model_arguments",
     "seed",
     "preprocessing_hash",
     "patch_size",
     "batch_size",
     "world_size",
 )
-# What a checkpoint written before a key was recorded ran with.
+# What a checkpoint written before a key was recorded ran with (network arguments: networks.py).
 UNRECORDED_DEFAULTS = {"lr": 0.01}
+
+
+def recorded_value(config: dict, key: str):
+    """``config[key]``; for a key an older config did not record, what that run ran with."""
+    if key == "model_arguments":
+        return recorded_model_arguments(config)
+    return config.get(key, UNRECORDED_DEFAULTS.get(key))
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -69,7 +78,7 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
             f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
             f"is restored; or use another --out to start a new run"
         )
-    recorded = {k: saved.get(k, UNRECORDED_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    recorded = {k: recorded_value(saved, k) for k in RESUME_KEYS}
     different = {k: (recorded[k], config[k]) for k in RESUME_KEYS if recorded[k] != config[k]}
     if different:
         raise Problem(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from dynunet import build_dynunet
-from model import E2ENet, Stride, build_e2enet, stride_product
+from model import PRESETS, E2ENet, Stride, build_e2enet, stride_product
 from torch import nn
 
 ARCHITECTURES = ("e2enet", "dynunet")
@@ -28,6 +28,25 @@ def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, *
     if arch == "dynunet":
         return build_dynunet(preset, in_channels=in_channels, num_classes=num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+# Preset arguments that changed after runs were trained with them: a run config without "model_arguments" (written
+# before they were recorded) was built with these over today's preset.
+UNRECORDED_PRESET_ARGUMENTS = {("e2enet", "cpu-demo"): {"shift": True}}
+
+
+def model_arguments(arch: str, preset: str, options: dict) -> dict:
+    """Every constructor argument a network of ``arch`` at ``preset`` with ``options`` is built with: E2ENet's preset
+    arguments with the options over them; none for DynUNet, whose presets take no options."""
+    return {**PRESETS[preset], **options} if arch == "e2enet" else {}
+
+
+def recorded_model_arguments(config: dict) -> dict:
+    """The network arguments a run config says its network was built with, for configs of any age."""
+    if "model_arguments" in config:
+        return config["model_arguments"]
+    before = UNRECORDED_PRESET_ARGUMENTS.get((config["arch"], config["preset"]), {})
+    return model_arguments(config["arch"], config["preset"], {**before, **config.get("model_options", {})})
 
 
 def inference_memory_format(arch: str, preset: str, device: torch.device) -> torch.memory_format:

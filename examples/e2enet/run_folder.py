@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from atomic import write_json
-from checkpoint import check_resumable, load_checkpoint
+from checkpoint import check_resumable, load_checkpoint, recorded_value
+from networks import model_arguments
 from planning import PLANS_FILE, Plans
 from problems import Problem
 
@@ -23,7 +24,7 @@ CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
 FOLD_OUTPUTS = (*CHECKPOINTS, "log.csv", "progress.png", "fusion_connections.png", "fusion_connections.json")
 # What predict.py needs to rebuild the network (MODEL_KEYS) and to feed it what it was trained on.
 MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options", "granularity")
-RUN_KEYS = (*MODEL_KEYS, "preprocessing_hash", "patch_size")
+RUN_KEYS = (*MODEL_KEYS, "model_arguments", "preprocessing_hash", "patch_size")
 
 
 def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: bool) -> dict:
@@ -43,6 +44,7 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "augment": args.augment,
         "mirror_axes": list(args.mirror_axes),
         "model_options": args.model_options,
+        "model_arguments": model_arguments(args.arch, args.preset, args.model_options),
         "seed": args.seed,
         "in_channels": len(plans.channel_names),
         "num_classes": plans.num_classes,
@@ -95,12 +97,14 @@ def claim_fold(run_dir: Path, fold: str, config: dict, plans: Plans, *, resume: 
             "replace it, or use another --out"
         )
     recorded = read_config(run_dir) or {}
-    different = [k for k in RUN_KEYS if k in recorded and recorded[k] != config[k]]
+    # Network arguments count even where an older config did not record them.
+    compared = [k for k in RUN_KEYS if k in recorded or (recorded and k == "model_arguments")]
+    different = [k for k in compared if recorded_value(recorded, k) != config[k]]
     others = [name for name in trained_folds(run_dir) if name != fold_dir.name]
     if different and others:
         raise Problem(
             f"{run_dir} holds {', '.join(others)} trained with "
-            + ", ".join(f"{k} {recorded[k]!r} (this fold: {config[k]!r})" for k in different)
+            + ", ".join(f"{k} {recorded_value(recorded, k)!r} (this fold: {config[k]!r})" for k in different)
             + "; predict.py ensembles a run's folds with its one plans.json, so they must agree: use another --out, "
             "or delete those folds"
         )
@@ -128,15 +132,15 @@ def load_run(run_dir: Path) -> tuple[Plans, dict]:
 
 def fold_problems(path: Path, saved: dict, plans: Plans, config: dict) -> list[str]:
     """One sentence per way the checkpoint config ``saved`` (of ``path``) does not fit the run it is found in."""
-    expected = [(key, config[key], CONFIG_FILE) for key in MODEL_KEYS] + [
+    expected = [(key, recorded_value(config, key), CONFIG_FILE) for key in (*MODEL_KEYS, "model_arguments")] + [
         ("in_channels", len(plans.channel_names), PLANS_FILE),
         ("num_classes", plans.num_classes, PLANS_FILE),
         ("preprocessing_hash", plans.preprocessing_hash, PLANS_FILE),
         ("patch_size", plans.patch_size, PLANS_FILE),
     ]
     return [
-        f"{path} was trained with {key} {saved.get(key)!r} but the run's {source} says {value!r}: it belongs to "
-        "another dataset or run; train this fold in this run, or leave it out of --folds"
+        f"{path} was trained with {key} {recorded_value(saved, key)!r} but the run's {source} says {value!r}: it "
+        "belongs to another dataset or run; train this fold in this run, or leave it out of --folds"
         for key, value, source in expected
-        if saved.get(key) != value
+        if recorded_value(saved, key) != value
     ]
