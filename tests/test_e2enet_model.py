@@ -240,10 +240,10 @@ def test_shift_options():
         return [m for n, m in model.named_modules() if isinstance(m, nn.Conv3d) and not n.startswith("heads")]
 
     with torch.device("meta"):
-        # stem="shift": every conv a shift conv, as the authors build it (the cpu-demo stem is a 3x3x3 conv)
+        # stem="shift": every conv a shift conv, as the authors build it (cpu-demo: a 3x3x3 stem and no shift)
         plain = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=False, stem="shift")
-        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift_groups=5, stem="shift")
-        height = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift_dim=3, stem="shift")
+        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, shift_groups=5, stem="shift")
+        height = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, shift_dim=3, stem="shift")
     assert all(type(m) is nn.Conv3d and m.kernel_size == (1, 3, 3) for m in convs(plain))
     assert all(isinstance(m, sf.nn.DepthShiftConv3d) and m.shift_groups == 5 for m in convs(five))
     assert all(m.kernel_size == (3, 1, 3) and m.padding == (1, 0, 1) and m.shift_dim == 3 for m in convs(height))
@@ -252,7 +252,7 @@ def test_shift_options():
 def test_stem_options_choose_the_conv_that_reads_the_image():
     with torch.device("meta"):
         stems = {
-            stem: build_e2enet("cpu-demo", in_channels=1, num_classes=2, stem=stem).encoder[0][0].conv
+            stem: build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, stem=stem).encoder[0][0].conv
             for stem in ("shift", "plain", "full")
         }
         paper = build_e2enet("paper", in_channels=1, num_classes=2).encoder[0][0].conv
