@@ -257,14 +257,16 @@ def test_stem_options_choose_the_conv_that_reads_the_image():
         }
         paper = build_e2enet("paper", in_channels=1, num_classes=2).encoder[0][0].conv
         demo = build_e2enet("cpu-demo", in_channels=1, num_classes=2)
+        shifted = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True)
     assert isinstance(stems["shift"], sf.nn.DepthShiftConv3d) and stems["shift"].kernel_size == (1, 3, 3)
     assert isinstance(paper, sf.nn.DepthShiftConv3d)  # the paper preset is the authors' network
     assert type(stems["plain"]) is nn.Conv3d and stems["plain"].kernel_size == (1, 3, 3)
     assert type(stems["full"]) is nn.Conv3d and stems["full"].kernel_size == (3, 3, 3)
     assert stems["full"].padding == (1, 1, 1)
     assert type(demo.encoder[0][0].conv) is nn.Conv3d and demo.encoder[0][0].conv.kernel_size == (3, 3, 3)
-    # Only the stem changes: the second conv of level 0 is still a shift conv.
-    assert isinstance(demo.encoder[0][1].conv, sf.nn.DepthShiftConv3d)
+    # The stem option changes the stem alone: with the shift on, the second conv of level 0 is still a shift conv.
+    assert isinstance(stems["full"], nn.Conv3d) and isinstance(shifted.encoder[0][1].conv, sf.nn.DepthShiftConv3d)
+    assert type(demo.encoder[0][1].conv) is nn.Conv3d  # the cpu-demo preset has no shift
     with pytest.raises(ValueError, match="stem must be one of"):
         build_e2enet("cpu-demo", in_channels=1, num_classes=2, stem="wide")
 
