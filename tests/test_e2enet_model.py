@@ -265,7 +265,7 @@ def test_stem_options_choose_the_conv_that_reads_the_image():
     assert stems["full"].padding == (1, 1, 1)
     assert type(demo.encoder[0][0].conv) is nn.Conv3d and demo.encoder[0][0].conv.kernel_size == (3, 3, 3)
     # The stem option changes the stem alone: with the shift on, the second conv of level 0 is still a shift conv.
-    assert isinstance(stems["full"], nn.Conv3d) and isinstance(shifted.encoder[0][1].conv, sf.nn.DepthShiftConv3d)
+    assert isinstance(shifted.encoder[0][1].conv, sf.nn.DepthShiftConv3d)
     assert type(demo.encoder[0][1].conv) is nn.Conv3d  # the cpu-demo preset has no shift
     with pytest.raises(ValueError, match="stem must be one of"):
         build_e2enet("cpu-demo", in_channels=1, num_classes=2, stem="wide")

@@ -139,33 +139,31 @@ def test_resume_with_another_configuration_is_refused(dataset, finished_run, cap
     assert "another configuration: density saved 0.2 vs now 0.3" in capsys.readouterr().err
 
 
-def test_resume_compares_the_learning_rate_and_knows_what_older_checkpoints_ran_with(tmp_path):
-    config = {key: 0 for key in checkpoint.RESUME_KEYS} | {"world_size": 1, "lr": 0.01}
-    path = tmp_path / "checkpoint_latest.pth"
-    checkpoint.check_resumable(dict(config), config, path)
-    with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.02"):
-        checkpoint.check_resumable(dict(config), config | {"lr": 0.02}, path)
-    # Checkpoints written before the learning rate was recorded all ran at 0.01.
-    unrecorded = {k: v for k, v in config.items() if k != "lr"}
-    checkpoint.check_resumable(unrecorded, config, path)
-    with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.02"):
-        checkpoint.check_resumable(unrecorded, config | {"lr": 0.02}, path)
-
-
-def test_runs_from_before_the_network_arguments_were_recorded_rebuild_as_they_were_trained(finished_run, tmp_path):
-    """cpu-demo E2ENets were shifted until the preset changed; configs of that time carry no model_arguments."""
+def test_runs_from_before_lr_and_network_arguments_were_recorded_load_as_they_were_trained(finished_run, tmp_path):
+    """Until the cpu-demo preset changed, its runs used lr 0.01 and a shifted E2ENet, and their checkpoints and
+    config.json recorded neither: loading them must say so, so that a resume, a new fold or predict.py sees what
+    they were trained with."""
     out, trained = finished_run
-    current = checkpoint.load_checkpoint(out / "fold_0" / "checkpoint_final.pth")["config"]
-    assert current["model_arguments"]["shift"] is False
+    path = out / "fold_0" / "checkpoint_final.pth"
+    current = checkpoint.load_checkpoint(path)["config"]
+    assert current["lr"] == 0.04 and current["model_arguments"]["shift"] is False
     assert not isinstance(trained["model"].encoder[1][0].conv, sf.nn.DepthShiftConv3d)
+    checkpoint.check_resumable(current, current, path)
+
     older = {k: v for k, v in current.items() if k not in ("model_arguments", "lr")}
-    assert networks.recorded_model_arguments(older)["shift"] is True
+    checkpoint.save_checkpoint({"config": older, "model": {}}, tmp_path / "old.pth")
+    loaded = checkpoint.load_checkpoint(tmp_path / "old.pth")["config"]
+    assert loaded["lr"] == 0.01 and loaded["model_arguments"]["shift"] is True
     with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.04.*model_arguments saved"):
-        checkpoint.check_resumable(older, current, tmp_path / "checkpoint_latest.pth")
+        checkpoint.check_resumable(loaded, current, tmp_path / "old.pth")
     plans = planning.Plans.load(out / "plans.json")
-    problems = run_folder.fold_problems(tmp_path / "old.pth", older, plans, current)
+    problems = run_folder.fold_problems(tmp_path / "old.pth", loaded, plans, current)
     assert len(problems) == 1 and "model_arguments" in problems[0]
-    arguments = networks.recorded_model_arguments(older)
+
+    old_run = tmp_path / "old_run"
+    old_run.mkdir()
+    (old_run / run_folder.CONFIG_FILE).write_text(json.dumps({k: older[k] for k in run_folder.MODEL_KEYS}))
+    arguments = run_folder.read_config(old_run)["model_arguments"]
     rebuilt = networks.build_model("e2enet", "cpu-demo", in_channels=1, num_classes=4, **arguments)
     assert isinstance(rebuilt.encoder[1][0].conv, sf.nn.DepthShiftConv3d)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from atomic import atomic_write
-from networks import recorded_model_arguments
+from networks import with_model_arguments
 from problems import Problem
 
 # What must match for --resume to continue a run rather than silently start another experiment.
@@ -38,15 +38,8 @@ RESUME_KEYS = (
     "batch_size",
     "world_size",
 )
-# What a checkpoint written before a key was recorded ran with (network arguments: networks.py).
+# What a checkpoint written before a key was recorded ran with (network arguments: networks.py), filled in on load.
 UNRECORDED_DEFAULTS = {"lr": 0.01}
-
-
-def recorded_value(config: dict, key: str):
-    """``config[key]``; for a key an older config did not record, what that run ran with."""
-    if key == "model_arguments":
-        return recorded_model_arguments(config)
-    return config.get(key, UNRECORDED_DEFAULTS.get(key))
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -56,7 +49,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by train.py, or a Problem naming the file when it is damaged or something else."""
+    """A checkpoint written by train.py, or a Problem naming the file when it is damaged or something else. Keys its
+    config was written without are filled in with what the run ran with."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or not a torch file: say which file and what to do
@@ -66,6 +60,7 @@ def load_checkpoint(path: Path) -> dict:
         ) from error
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise Problem(f"{path} is not a checkpoint of train.py (no config and model); delete it or restore a backup")
+    state["config"] = with_model_arguments({**UNRECORDED_DEFAULTS, **state["config"]})
     return state
 
 
@@ -78,8 +73,7 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
             f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
             f"is restored; or use another --out to start a new run"
         )
-    recorded = {k: recorded_value(saved, k) for k in RESUME_KEYS}
-    different = {k: (recorded[k], config[k]) for k in RESUME_KEYS if recorded[k] != config[k]}
+    different = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if saved.get(k) != config[k]}
     if different:
         raise Problem(
             f"{path} was written by another configuration: "

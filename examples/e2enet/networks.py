@@ -41,12 +41,13 @@ def model_arguments(arch: str, preset: str, options: dict) -> dict:
     return {**PRESETS[preset], **options} if arch == "e2enet" else {}
 
 
-def recorded_model_arguments(config: dict) -> dict:
-    """The network arguments a run config says its network was built with, for configs of any age."""
-    if "model_arguments" in config:
-        return config["model_arguments"]
+def with_model_arguments(config: dict) -> dict:
+    """A run config as read, with the network arguments filled in where it was written before they were recorded."""
+    if "model_arguments" in config or not {"arch", "preset"} <= config.keys():
+        return config
     before = UNRECORDED_PRESET_ARGUMENTS.get((config["arch"], config["preset"]), {})
-    return model_arguments(config["arch"], config["preset"], {**before, **config.get("model_options", {})})
+    options = {**before, **config.get("model_options", {})}
+    return {**config, "model_arguments": model_arguments(config["arch"], config["preset"], options)}
 
 
 def inference_memory_format(arch: str, preset: str, device: torch.device) -> torch.memory_format:

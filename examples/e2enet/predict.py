@@ -33,7 +33,7 @@ from compaction import compact_e2enet
 from dataset import CHANNEL_FILE, problem_list, save_nifti
 from loader import to_network_layout
 from monai.inferers import sliding_window_inference
-from networks import build_model, inference_memory_format, recorded_model_arguments
+from networks import build_model, inference_memory_format
 from planning import PLANS_FILE
 from preprocessing import preprocess_case, revert_preprocessing
 from problems import Problem, exit_on_problem
@@ -107,7 +107,7 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
             config["preset"],
             in_channels=config["in_channels"],
             num_classes=config["num_classes"],
-            **recorded_model_arguments(config),
+            **config["model_arguments"],
         )
         try:
             model.load_state_dict(state["model"])

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 from atomic import write_json
-from checkpoint import check_resumable, load_checkpoint, recorded_value
-from networks import model_arguments
+from checkpoint import check_resumable, load_checkpoint
+from networks import model_arguments, with_model_arguments
 from planning import PLANS_FILE, Plans
 from problems import Problem
 
@@ -58,12 +58,12 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
 
 
 def read_config(run_dir: Path) -> dict | None:
-    """RUN_DIR/config.json, or None where there is none yet."""
+    """RUN_DIR/config.json (network arguments filled in where it predates them), or None where there is none yet."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        return with_model_arguments(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise Problem(f"{path} is damaged ({error}); delete it (train.py rewrites it) or restore a backup") from error
 
@@ -97,14 +97,12 @@ def claim_fold(run_dir: Path, fold: str, config: dict, plans: Plans, *, resume: 
             "replace it, or use another --out"
         )
     recorded = read_config(run_dir) or {}
-    # Network arguments count even where an older config did not record them.
-    compared = [k for k in RUN_KEYS if k in recorded or (recorded and k == "model_arguments")]
-    different = [k for k in compared if recorded_value(recorded, k) != config[k]]
+    different = [k for k in RUN_KEYS if k in recorded and recorded[k] != config[k]]
     others = [name for name in trained_folds(run_dir) if name != fold_dir.name]
     if different and others:
         raise Problem(
             f"{run_dir} holds {', '.join(others)} trained with "
-            + ", ".join(f"{k} {recorded_value(recorded, k)!r} (this fold: {config[k]!r})" for k in different)
+            + ", ".join(f"{k} {recorded[k]!r} (this fold: {config[k]!r})" for k in different)
             + "; predict.py ensembles a run's folds with its one plans.json, so they must agree: use another --out, "
             "or delete those folds"
         )
@@ -132,15 +130,15 @@ def load_run(run_dir: Path) -> tuple[Plans, dict]:
 
 def fold_problems(path: Path, saved: dict, plans: Plans, config: dict) -> list[str]:
     """One sentence per way the checkpoint config ``saved`` (of ``path``) does not fit the run it is found in."""
-    expected = [(key, recorded_value(config, key), CONFIG_FILE) for key in (*MODEL_KEYS, "model_arguments")] + [
+    expected = [(key, config[key], CONFIG_FILE) for key in (*MODEL_KEYS, "model_arguments")] + [
         ("in_channels", len(plans.channel_names), PLANS_FILE),
         ("num_classes", plans.num_classes, PLANS_FILE),
         ("preprocessing_hash", plans.preprocessing_hash, PLANS_FILE),
         ("patch_size", plans.patch_size, PLANS_FILE),
     ]
     return [
-        f"{path} was trained with {key} {recorded_value(saved, key)!r} but the run's {source} says {value!r}: it "
-        "belongs to another dataset or run; train this fold in this run, or leave it out of --folds"
+        f"{path} was trained with {key} {saved.get(key)!r} but the run's {source} says {value!r}: it belongs to "
+        "another dataset or run; train this fold in this run, or leave it out of --folds"
         for key, value, source in expected
-        if recorded_value(saved, key) != value
+        if saved.get(key) != value
     ]
