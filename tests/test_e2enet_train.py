@@ -217,6 +217,20 @@ def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tm
     assert len(written) == 1
 
 
+def test_erk_distribution_keeps_more_of_the_narrow_fusion_layers_at_the_same_total(dataset, tmp_path):
+    out = tmp_path / "erk"
+    result = train.main(run_args(dataset, out, "--distribution", "erk", "--granularity", "input_channel", epochs=1))
+    sparsity = result["sparsity"]
+    assert result["config"]["distribution"] == "erk"
+    per_layer = {name: sparsity.density(name) for name in sparsity.target_names}
+    weights = {name: sparsity.weight_mask(name).numel() for name in per_layer}
+    narrowest, widest = min(weights, key=weights.get), max(weights, key=weights.get)
+    assert per_layer[narrowest] > 0.2 > per_layer[widest]
+    # The same total budget as uniform 0.2, up to one rounded group per layer.
+    kept = sum(per_layer[n] * weights[n] for n in per_layer) / sum(weights.values())
+    assert kept == pytest.approx(0.2, abs=0.02)
+
+
 def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
     with pytest.raises(SystemExit):
         train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2

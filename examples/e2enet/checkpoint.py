@@ -28,6 +28,7 @@ RESUME_KEYS = (
     "lr",
     "update_every",
     "grace_updates",
+    "distribution",
     "augment",
     "mirror_axes",
     "model_options",
@@ -39,7 +40,7 @@ RESUME_KEYS = (
     "world_size",
 )
 # What a checkpoint written before a key was recorded ran with (network arguments: networks.py), filled in on load.
-UNRECORDED_DEFAULTS = {"lr": 0.01}
+UNRECORDED_DEFAULTS = {"lr": 0.01, "distribution": "uniform"}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

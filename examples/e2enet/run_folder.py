@@ -41,6 +41,7 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "lr": args.lr,
         "update_every": args.update_every,
         "grace_updates": args.grace_updates,
+        "distribution": args.distribution,
         "augment": args.augment,
         "mirror_axes": list(args.mirror_axes),
         "model_options": args.model_options,

@@ -159,6 +159,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="what one mask bit of a fusion layer switches: a (c_out, c_in) kernel (the paper) or a whole input "
         "channel (structured: sparsefuse.compact removes it at inference)",
     )
+    p.add_argument(
+        "--distribution",
+        choices=sf.distribution.DISTRIBUTIONS,
+        default="uniform",
+        help="how --density is spread over the fusion layers: uniform (the paper: every layer at --density) or "
+        "er / erk (Erdos-Renyi(-Kernel): narrow layers keep more, wide ones less, the same total)",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
     again.add_argument("--overwrite", action="store_true", help="replace a fold already trained in RUN_DIR")
@@ -175,9 +182,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--fold must be 0-4 or 'all', got {args.fold!r}")
     if not 0.0 < args.density <= 1.0:
         p.error(f"--density must be in (0, 1], got {args.density}")
-    if args.arch != "e2enet" and (args.density < 1.0 or args.static or args.granularity != "kernel"):
+    if args.arch != "e2enet" and (
+        args.density < 1.0 or args.static or args.granularity != "kernel" or args.distribution != "uniform"
+    ):
         p.error(
-            "--density < 1, --static and --granularity sparsify E2ENet's fusion layers; use them with --arch e2enet"
+            "--density < 1, --static, --granularity and --distribution sparsify E2ENet's fusion layers; use them "
+            "with --arch e2enet"
         )
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
@@ -253,6 +263,7 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
         seed=args.seed,
         scaler=scaler,
         grace_updates=args.grace_updates,
+        distribution=args.distribution,
     )
 
 
