@@ -231,6 +231,17 @@ def test_erk_distribution_keeps_more_of_the_narrow_fusion_layers_at_the_same_tot
     assert kept == pytest.approx(0.2, abs=0.02)
 
 
+def test_rigl_growth_and_reinitialised_regrowth_are_recorded_and_keep_the_density(dataset, tmp_path):
+    out = tmp_path / "rigl"
+    flags = ["--growth", "gradient", "--regrow-init", "reinit", "--drop-fraction", "0.3", "--update-every", "2"]
+    result = train.main(run_args(dataset, out, *flags, epochs=2))
+    config, sparsity = result["config"], result["sparsity"]
+    assert (config["growth"], config["regrow_init"], config["drop_fraction"]) == ("gradient", "reinit", 0.3)
+    assert type(sparsity.growth).__name__ == "Gradient" and sparsity.regrow_init == "reinit"
+    assert sum(row["topology_updates"] for row in result["log"]) >= 2
+    assert sparsity.density() == pytest.approx(0.2, abs=0.01)
+
+
 def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
     with pytest.raises(SystemExit):
         train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2

@@ -29,6 +29,9 @@ RESUME_KEYS = (
     "update_every",
     "grace_updates",
     "distribution",
+    "growth",
+    "regrow_init",
+    "drop_fraction",
     "augment",
     "mirror_axes",
     "model_options",
@@ -40,7 +43,13 @@ RESUME_KEYS = (
     "world_size",
 )
 # What a checkpoint written before a key was recorded ran with (network arguments: networks.py), filled in on load.
-UNRECORDED_DEFAULTS = {"lr": 0.01, "distribution": "uniform"}
+UNRECORDED_DEFAULTS = {
+    "lr": 0.01,
+    "distribution": "uniform",
+    "growth": "random",
+    "regrow_init": "zeros",
+    "drop_fraction": 0.5,
+}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

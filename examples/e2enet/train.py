@@ -73,6 +73,9 @@ PRESET_RUNS = {
         batch_voxel_budget=2 * 128**3,
         augment="nnunet",
         lr=0.01,
+        growth="random",
+        regrow_init="zeros",
+        drop_fraction=0.5,
     ),
     # A few thousand iterations at most: the recipe measured to learn best there (docs/e2enet.md, "Accuracy at CPU
     # budgets"): no augmentation, and 4x the paper's learning rate, which both networks learn faster with.
@@ -84,12 +87,16 @@ PRESET_RUNS = {
         batch_voxel_budget=2 * 48**3,
         augment="none",
         lr=0.04,
+        growth="random",
+        regrow_init="zeros",
+        drop_fraction=0.5,
     ),
 }
 MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.99, 3e-5, 0.9, 12.0
-DROP_FRACTION = 0.5  # the paper's death rate alpha
 PAPER_UPDATE_EVERY = 1200
 GRANULARITIES = ("kernel", "input_channel")
+GROWTH = {"random": sf.growth.Random, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
+REGROW_INITS = ("zeros", "reinit")
 
 
 def model_option(text: str) -> tuple[str, object]:
@@ -166,6 +173,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="how --density is spread over the fusion layers: uniform (the paper: every layer at --density) or "
         "er / erk (Erdos-Renyi(-Kernel): narrow layers keep more, wide ones less, the same total)",
     )
+    p.add_argument(
+        "--growth",
+        choices=sorted(GROWTH),
+        default=None,
+        help="which inactive kernels a topology update regrows: random (the paper) or gradient (RigL: largest "
+        "gradient magnitude)",
+    )
+    p.add_argument(
+        "--regrow-init",
+        choices=REGROW_INITS,
+        default=None,
+        help="values of regrown kernels: zeros (the paper) or reinit (fresh values from torch's conv init)",
+    )
+    p.add_argument(
+        "--drop-fraction",
+        type=float,
+        default=None,
+        help="share of active kernels exchanged at the first update, decaying by a cosine to 0 (the paper's 0.5)",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
     again.add_argument("--overwrite", action="store_true", help="replace a fold already trained in RUN_DIR")
@@ -193,6 +219,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--lr must be positive, got {args.lr}")
     if args.epochs < 1 or args.iters_per_epoch < 1:
         p.error("--epochs and --iters-per-epoch must be positive")
+    if not 0.0 < args.drop_fraction < 1.0:
+        p.error(f"--drop-fraction must be in (0, 1), got {args.drop_fraction}")
     if args.grace_updates < 0:
         p.error(f"--grace-updates must be >= 0, got {args.grace_updates}")
     args.model_options = dict(args.model_option)
@@ -249,7 +277,7 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
     schedule = (
         None
         if args.static
-        else sf.schedules.CosineDecay(every=args.update_every, alpha=DROP_FRACTION, total_steps=total_iters)
+        else sf.schedules.CosineDecay(every=args.update_every, alpha=args.drop_fraction, total_steps=total_iters)
     )
     return sf.DynamicSparsity(
         model,
@@ -258,7 +286,8 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
         targets=e2enet_fusion_targets,
         granularity=args.granularity,
         scorer=sf.scorers.L1(),
-        growth=sf.growth.Random(),
+        growth=GROWTH[args.growth](),
+        regrow_init=args.regrow_init,
         schedule=schedule,
         seed=args.seed,
         scaler=scaler,
