@@ -28,6 +28,7 @@ EXAMPLE = ROOT / "examples" / "e2enet"
 import accounting as acc  # noqa: E402
 from loss import deep_supervision_weights  # noqa: E402
 from model import (  # noqa: E402
+    ConvUnit,
     E2ENet,
     build_e2enet,
     e2enet_fusion_targets,
@@ -247,6 +248,20 @@ def test_shift_options():
     assert all(type(m) is nn.Conv3d and m.kernel_size == (1, 3, 3) for m in convs(plain))
     assert all(isinstance(m, sf.nn.DepthShiftConv3d) and m.shift_groups == 5 for m in convs(five))
     assert all(m.kernel_size == (3, 1, 3) and m.padding == (1, 0, 1) and m.shift_dim == 3 for m in convs(height))
+
+
+def test_convs_with_too_few_channels_per_shift_group_run_unshifted():
+    with torch.device("meta"):
+        model = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, min_shift_group_channels=8)
+    units = [m for m in model.modules() if isinstance(m, ConvUnit)]
+    shifted = {isinstance(u.conv, sf.nn.DepthShiftConv3d) for u in units}
+    assert shifted == {True, False}
+    for unit in units:
+        thin = unit.conv.in_channels // 3 < 8
+        if unit.conv.kernel_size == (3, 3, 3):
+            continue  # the 3x3x3 stem is never shifted
+        assert isinstance(unit.conv, sf.nn.DepthShiftConv3d) is not thin
+        assert unit.conv.kernel_size == (1, 3, 3)  # the unshifted ones still have no depth extent
 
 
 def test_stem_options_choose_the_conv_that_reads_the_image():

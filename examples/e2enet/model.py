@@ -108,8 +108,11 @@ class ConvUnit(nn.Module):
         shift_groups: int = 3,
         shift_dim: int = 2,
         full_kernel: bool = False,
+        min_shift_group_channels: int = 1,
     ) -> None:
         super().__init__()
+        if min_shift_group_channels > 1 and in_channels // shift_groups < min_shift_group_channels:
+            shift_groups = 1  # groups this thin move most of the layer's input off its slice: a plain conv
         # Kernel 3 on the two axes not shifted, 1 on the shifted one: the shift
         # supplies the receptive field along that axis. A full 3x3x3 kernel needs no shift.
         kernel = tuple(1 if axis == shift_dim and not full_kernel else 3 for axis in (2, 3, 4))
@@ -162,6 +165,7 @@ class FusionNode(nn.Module):
         units: int,
         shift_groups: int,
         shift_dim: int,
+        min_shift_group_channels: int = 1,
     ) -> None:
         super().__init__()
         self.up = nn.ConvTranspose3d(c_next, c_here, up_stride, stride=up_stride, bias=False)
@@ -169,7 +173,13 @@ class FusionNode(nn.Module):
         c_in = 2 * c_here + (c_prev or 0)
         self.convs = nn.Sequential(
             *(
-                ConvUnit(c_in if u == 0 else c_here, c_here, shift_groups=shift_groups, shift_dim=shift_dim)
+                ConvUnit(
+                    c_in if u == 0 else c_here,
+                    c_here,
+                    shift_groups=shift_groups,
+                    shift_dim=shift_dim,
+                    min_shift_group_channels=min_shift_group_channels,
+                )
                 for u in range(units)
             )
         )
@@ -200,6 +210,9 @@ class E2ENet(nn.Module):
             paper; 5: -2..+2, the released code). 1 disables the shift (plain Conv3d).
         shift_dim: axis shifted, 2 = depth (paper), 3 = height, 4 = width.
         shift: False disables the shift whatever shift_groups says.
+        min_shift_group_channels: a conv whose input gives each shift group fewer channels
+            than this runs unshifted (paper: 1, every conv shifted). At narrow widths most of
+            a thin layer's input is then moved off its slice.
         deep_supervision: True builds num_pools - 1 heads and returns all of them in
             training; False builds and returns only the full-resolution head.
         stem: the first conv, the one that reads the image. ``"shift"`` (the authors'): a
@@ -232,6 +245,7 @@ class E2ENet(nn.Module):
         shift_groups: int = 3,
         shift_dim: int = 2,
         shift: bool = True,
+        min_shift_group_channels: int = 1,
         deep_supervision: bool = True,
         stem: str = "shift",
     ) -> None:
@@ -253,6 +267,7 @@ class E2ENet(nn.Module):
         if not shift:
             shift_groups = 1
         positive_int("shift_groups", shift_groups)
+        positive_int("min_shift_group_channels", min_shift_group_channels)
         if shift_dim not in (2, 3, 4):
             raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
         if stem not in STEMS:
@@ -264,7 +279,7 @@ class E2ENet(nn.Module):
         self.deep_supervision = deep_supervision
         self.channels: tuple[int, ...] = tuple(min(base_channels * 2**i, max_channels) for i in range(levels))
         c = self.channels
-        unit = dict(shift_groups=shift_groups, shift_dim=shift_dim)
+        unit = dict(shift_groups=shift_groups, shift_dim=shift_dim, min_shift_group_channels=min_shift_group_channels)
         stem_unit = {**unit, "shift_groups": 1 if stem == "plain" else shift_groups, "full_kernel": stem == "full"}
 
         self.encoder = nn.ModuleList(
