@@ -48,8 +48,9 @@ import sparsefuse as sf  # noqa: E402
 from sparsefuse.compact import sparse_state_dict  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "e2enet"))
-from compaction import compact_e2enet, e2enet_compaction_plan  # noqa: E402
+from compaction import channel_assembly, compact_e2enet, e2enet_compaction_plan  # noqa: E402
 from dynunet import build_dynunet  # noqa: E402
+from lean_ops import copy_runs  # noqa: E402
 from model import build_e2enet, e2enet_fusion_targets  # noqa: E402
 from networks import output_list  # noqa: E402
 
@@ -211,30 +212,25 @@ def split_conv_cases(density: float) -> dict:
     weight, bias = torch.randn(c, 2 * read, 1, 3, 3), torch.randn(c)
     picked = torch.randperm(c)[:read].sort().values.tolist()
     group = -(-2 * c // 3)  # DepthShiftConv3d's three chunks over the 2c concatenated channels: shifts -1, 0, +1
+    # The shipped assembly (compaction.channel_assembly + lean_ops.copy_runs): each read channel, shifted as in the
+    # full-width input, copied in runs of neighbouring channels.
+    read_same = [(0, ch, ch // group - 1) for ch in picked]
+    read_up = [(1, ch, (c + ch) // group - 1) for ch in picked]
 
-    def shifted(part: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
-        for k, ch in enumerate(picked):
-            s, dst, src = (offset + ch) // group - 1, out[:, k], part[:, ch]
-            if s > 0:
-                dst[:, s:], dst[:, :s] = src[:, :-s], 0
-            elif s < 0:
-                dst[:, :s], dst[:, s:] = src[:, -s:], 0
-            else:
-                dst.copy_(src)
-        return out
+    def assembled(layout, parts):
+        runs, fills, _ = channel_assembly(layout, [c] * len(parts))
+        return copy_runs(parts, runs, fills, len(layout), 2, torch.contiguous_format)
 
     def conv(x, w, b):
         return torch.mkldnn_convolution(x, w, b, (0, 1, 1), (1, 1, 1), (1, 1, 1), 1)
 
     def one_conv():
-        assembled = torch.empty(1, 2 * read, size, size, size)
-        shifted(same, 0, assembled[:, :read])
-        shifted(up, c, assembled[:, read:])
-        conv(assembled, weight, bias)
+        conv(assembled(read_same + read_up, [same, up]), weight, bias)
 
     def split():
-        parts = [shifted(p, o, torch.empty(1, read, size, size, size)) for p, o in ((same, 0), (up, c))]
-        conv(parts[0], weight[:, :read], bias).add_(conv(parts[1], weight[:, read:], None))
+        up_only = [(0, ch, shift) for _, ch, shift in read_up]
+        first, second = assembled(read_same, [same]), assembled(up_only, [up])
+        conv(first, weight[:, :read], bias).add_(conv(second, weight[:, read:], None))
 
     label = f"{read} + {read} channels read"
     return {(label, "one conv over the assembled input"): one_conv, (label, "sum of per-part convs"): split}

@@ -111,7 +111,7 @@ def _gather(read: Tensor, kept: Tensor, device: torch.device) -> Gather:
     return Gather(None if torch.equal(read, kept) else _positions(read, kept).to(device))
 
 
-def _assembly(layout: list[tuple[int, int, int]], part_widths: list[int]):
+def channel_assembly(layout: list[tuple[int, int, int]], part_widths: list[int]):
     """(runs, fills, whole) for per-destination-channel (part, source channel, shift)."""
     runs: list[list[int]] = []
     for dst, (part, src, shift) in enumerate(layout):
@@ -177,7 +177,7 @@ def _build_unit(
     if isinstance(conv, DepthShiftConv3d):
         for start, count, shift in shift_plan(conv.in_channels, conv.shift_groups):
             shifts[start : start + count] = shift
-    runs, fills, whole = _assembly([(part, src, int(shifts[full])) for part, src, full in layout], part_widths)
+    runs, fills, whole = channel_assembly([(part, src, int(shifts[full])) for part, src, full in layout], part_widths)
     act = nn.LeakyReLU(unit.module.act.negative_slope, inplace=True)
     return CompactUnit(small, kept_norm, act, runs, fills, getattr(conv, "shift_dim", 2), whole, memory_format)
 

@@ -31,7 +31,7 @@ def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     return x.contiguous(memory_format=memory_format)
 
 
-def _copy_runs(
+def copy_runs(
     parts: list[Tensor | None],
     runs: tuple[Run, ...],
     fills: tuple[Fill, ...],
@@ -156,12 +156,12 @@ class CompactUnit(nn.Module):
     """A conv unit (depth shift -> Conv3d -> InstanceNorm3d -> LeakyReLU) on the channels it needs.
 
     Its input is assembled from one or more parts (a fusion node's same-level, upsampled and pooled tensors, or
-    the previous unit's output) by :func:`_copy_runs`: each read channel lands shifted as in the full-width
+    the previous unit's output) by :func:`copy_runs`: each read channel lands shifted as in the full-width
     input. One part read whole and unshifted goes to the conv as it is.
 
     Args:
         conv: the smaller Conv3d (read channels in, computed channels out); norm, act: on the computed channels.
-        runs, fills: the input's assembly (see :func:`_copy_runs`).
+        runs, fills: the input's assembly (see :func:`copy_runs`).
         shift_dim: the axis of the depth shift.
         whole: the index of the part that is the input as it is, or None.
         memory_format: layout of the assembled input (the conv's output follows it).
@@ -185,9 +185,7 @@ class CompactUnit(nn.Module):
 
     def forward(self, *parts: Tensor | None) -> Tensor:
         if self.whole is None:
-            x = _copy_runs(
-                list(parts), self.runs, self.fills, self.conv.in_channels, self.shift_dim, self.memory_format
-            )
+            x = copy_runs(list(parts), self.runs, self.fills, self.conv.in_channels, self.shift_dim, self.memory_format)
         else:
             x = parts[self.whole]
         return self.act(_instance_norm(self.norm, _conv(self.conv, x)))
