@@ -61,9 +61,13 @@ def e2enet_settings(draw):
         strides=[first] + [(2, 2, 2)] * (num_pools - 1),
         fusion_units=draw(st.integers(1, 2)),
         last_diagonal_units=draw(st.integers(1, 2)),
+        # The cpu-demo preset has no shift: ask for it, so that shift_groups decides.
+        shift=True,
         shift_groups=draw(st.sampled_from([1, 3, 5])),
         shift_dim=draw(st.sampled_from([2, 2, 3, 4])),
+        min_shift_group_channels=draw(st.sampled_from([1, 4])),
         stem=draw(st.sampled_from(["shift", "plain", "full"])),
+        head_bias=draw(st.booleans()),
     )
     stride = [2**num_pools // (2 if first[0] == 1 and axis == 0 else 1) for axis in range(3)]
     patch = [s * draw(st.integers(2, max(2, 32 // s))) for s in stride]

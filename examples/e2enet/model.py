@@ -16,7 +16,7 @@ levels with widths ``c_i = min(base_channels * 2**i, max_channels)``:
   So the node input has ``c_{i-1} + 2 c_i`` channels (``2 c_0`` at level 0). Nodes
   on the last diagonal (i + j = L-1) have ``last_diagonal_units`` conv units, the
   others ``fusion_units`` (first unit C_in -> c_i, the rest c_i -> c_i).
-* **Heads**: 1x1x1 Conv3d without bias, ``heads[k]`` on x(k, L-1-k), k = 0..L-3
+* **Heads**: 1x1x1 Conv3d without bias (``head_bias=False``), ``heads[k]`` on x(k, L-1-k), k = 0..L-3
   (deep supervision), or only ``heads[0]`` without deep supervision.
 * **Init**: Kaiming-normal (a = 0.01, fan-in, leaky-ReLU gain) on every Conv3d and
   ConvTranspose3d weight; conv biases 0.
@@ -221,6 +221,8 @@ class E2ENet(nn.Module):
             the conv sees no depth context. ``"plain"``: the (1, 3, 3) conv without shift.
             ``"full"``: a 3x3x3 conv, real depth context where the image enters, for
             ``in_channels x c_0 x 27`` weights (216 for one channel at width 8).
+        head_bias: a bias in the 1x1x1 output convs (the authors', like nnU-Net's, have none;
+            MONAI's DynUNet has one).
 
     Shape:
         input (B, in_channels, D, H, W), each of D, H, W divisible by
@@ -248,6 +250,7 @@ class E2ENet(nn.Module):
         min_shift_group_channels: int = 1,
         deep_supervision: bool = True,
         stem: str = "shift",
+        head_bias: bool = False,
     ) -> None:
         super().__init__()
         positive_int("in_channels", in_channels)
@@ -308,7 +311,7 @@ class E2ENet(nn.Module):
                 **unit,
             )
         num_heads = levels - 2 if deep_supervision else 1
-        self.heads = nn.ModuleList(nn.Conv3d(c[k], num_classes, 1, bias=False) for k in range(num_heads))
+        self.heads = nn.ModuleList(nn.Conv3d(c[k], num_classes, 1, bias=head_bias) for k in range(num_heads))
         self._init_weights()
 
     @staticmethod
