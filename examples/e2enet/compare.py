@@ -43,6 +43,15 @@ SETTINGS = {  # row name -> train.py flags
     # Structured DSFF: whole input channels, which sparsefuse.compact removes at inference.
     "E2ENet DSFF input-channel 0.2": ["--density", "0.2", "--granularity", "input_channel"],
     "E2ENet DSFF input-channel 0.1": ["--density", "0.1", "--granularity", "input_channel"],
+    # The same total, spread by Erdos-Renyi-Kernel: narrow layers keep more of their inputs.
+    "E2ENet DSFF input-channel 0.1 ERK": [
+        "--density",
+        "0.1",
+        "--granularity",
+        "input_channel",
+        "--distribution",
+        "erk",
+    ],
     "DynUNet (nnU-Net)": ["--arch", "dynunet", "--density", "1.0"],
 }
 DEFAULT_SETTINGS = ["E2ENet dense", "E2ENet DSFF 0.2", "E2ENet DSFF 0.1", "E2ENet static 0.1", "DynUNet (nnU-Net)"]
