@@ -73,9 +73,6 @@ PRESET_RUNS = {
         batch_voxel_budget=2 * 128**3,
         augment="nnunet",
         lr=0.01,
-        growth="random",
-        regrow_init="zeros",
-        drop_fraction=0.5,
     ),
     # A few thousand iterations at most: the recipe measured to learn best there (docs/e2enet.md, "Accuracy at CPU
     # budgets"): no augmentation, and 4x the paper's learning rate, which both networks learn faster with.
@@ -87,13 +84,11 @@ PRESET_RUNS = {
         batch_voxel_budget=2 * 48**3,
         augment="none",
         lr=0.04,
-        growth="random",
-        regrow_init="zeros",
-        drop_fraction=0.5,
     ),
 }
 MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.99, 3e-5, 0.9, 12.0
 PAPER_UPDATE_EVERY = 1200
+PAPER_DROP_FRACTION = 0.5  # the death rate alpha
 GRANULARITIES = ("kernel", "input_channel")
 GROWTH = {"random": sf.growth.Random, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
 REGROW_INITS = ("zeros", "reinit")
@@ -176,20 +171,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--growth",
         choices=sorted(GROWTH),
-        default=None,
+        default="random",
         help="which inactive kernels a topology update regrows: random (the paper) or gradient (RigL: largest "
         "gradient magnitude)",
     )
     p.add_argument(
         "--regrow-init",
         choices=REGROW_INITS,
-        default=None,
+        default="zeros",
         help="values of regrown kernels: zeros (the paper) or reinit (fresh values from torch's conv init)",
     )
     p.add_argument(
         "--drop-fraction",
         type=float,
-        default=None,
+        default=PAPER_DROP_FRACTION,
         help="share of active kernels exchanged at the first update, decaying by a cosine to 0 (the paper's 0.5)",
     )
     again = p.add_mutually_exclusive_group()
