@@ -7,7 +7,8 @@ Sections; within each, all cases run interleaved in one process on the same inpu
 2. splitting a fusion conv over its inputs (a sum of convs over the concatenated parts) against one conv over the
    assembled input, for fusion node x(0, 1) of the paper preset at 64^3;
 3. inference, paper presets, eval, no grad, batch 1, 1 x 64^3: DynUNet and dense E2ENet (contiguous and
-   channels_last_3d), the compacted copies at density 1.0 (every channel kept: the lean dense path), 0.2 and 0.1;
+   channels_last_3d), the compacted copies at density 1.0 (every channel kept: the lean dense path), 0.2 and 0.1,
+   and 0.1 with ERK layer densities in both formats;
 4. inference at 1 x 128^3: DynUNet against the compacted copies at 0.2 and 0.1, and at 0.1 with ERK layer densities
    (few repeats: ~8 s a call);
 5. cpu-demo presets: inference at 1 x 32^3 in both memory formats, and one training step (forward, loss = sum
@@ -58,6 +59,7 @@ from networks import output_list  # noqa: E402
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITIES = (0.2, 0.1)
 ERK_DENSITY = 0.1  # also timed with ERK layer densities, which keep more of the narrow full-resolution layers
+ERK_NAME = f"compacted {ERK_DENSITY} ERK"
 CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last_3d
 FORMAT_NAMES = {CONTIGUOUS: "contiguous", CHANNELS_LAST: "channels_last_3d"}
 # Kind of work of each operator called from Python (torch.profiler's top-level events).
@@ -160,7 +162,7 @@ def compacted_gflops(patch: int) -> str:
     for density, distribution in [(d, "uniform") for d in DENSITIES] + [(ERK_DENSITY, "erk")]:
         masked = copy.deepcopy(dense)
         plan = e2enet_compaction_plan(masked, input_channel_masks(masked, density, distribution=distribution))
-        name = f"compacted {density}" + (" ERK" if distribution == "erk" else "")
+        name = ERK_NAME if distribution == "erk" else f"compacted {density}"
         parts.append(f"{name} {gflops('E2ENet', patch, plan):.0f} G")
     return (
         f"  conv cost (2 x MACs): DynUNet {gflops('DynUNet', patch):.0f} G, E2ENet dense "
@@ -259,6 +261,9 @@ def inference_64(args) -> None:
     for density in (1.0, *DENSITIES):
         for fmt in (CHANNELS_LAST, CONTIGUOUS) if density in (1.0, 0.1) else (CHANNELS_LAST,):
             cases[(f"compacted {density}", FORMAT_NAMES[fmt])] = forward(compacted(dense_e2e, density, fmt), x)
+    for fmt in (CHANNELS_LAST, CONTIGUOUS):
+        erk = compacted(dense_e2e, ERK_DENSITY, fmt, distribution="erk")
+        cases[(ERK_NAME, FORMAT_NAMES[fmt])] = forward(erk, x)
     times = interleaved(cases, args.repeats_64, warmup=1)
     table(
         f"3. Inference, paper presets, 1 x {IN_CHANNELS} x 64^3, {NUM_CLASSES} classes, median of "
@@ -276,8 +281,7 @@ def inference_128(args) -> None:
     cases = {("DynUNet", "contiguous"): forward(base, x)}
     for density in DENSITIES:
         cases[(f"compacted {density}", "channels_last_3d")] = forward(compacted(dense_e2e, density), x)
-    erk = compacted(dense_e2e, ERK_DENSITY, distribution="erk")
-    cases[(f"compacted {ERK_DENSITY} ERK", "channels_last_3d")] = forward(erk, x)
+    cases[(ERK_NAME, "channels_last_3d")] = forward(compacted(dense_e2e, ERK_DENSITY, distribution="erk"), x)
     del dense_e2e
     times = interleaved(cases, args.repeats_128, warmup=1)
     table(
@@ -286,7 +290,7 @@ def inference_128(args) -> None:
         ("DynUNet", "contiguous"),
     )
     print(compacted_gflops(128))
-    for name in ("compacted 0.1", f"compacted {ERK_DENSITY} ERK"):
+    for name in ("compacted 0.1", ERK_NAME):
         ratio = times[(name, "channels_last_3d")] / times[("DynUNet", "contiguous")]
         print(
             f"  target: {name} >= 1.3x faster than DynUNet (<= 0.77x its time): {1 / ratio:.2f}x faster, "
