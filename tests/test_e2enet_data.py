@@ -26,6 +26,7 @@ import loader  # noqa: E402
 import planning  # noqa: E402
 import prepare_mni  # noqa: E402
 import preprocessing  # noqa: E402
+import atomic  # noqa: E402
 from atomic import atomic_write, write_json  # noqa: E402
 from dataset import convert_msd_dataset, read_dataset_json  # noqa: E402
 from verify import verify_dataset  # noqa: E402
@@ -310,6 +311,19 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("crash while writing")
     assert json.loads(path.read_text()) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
+
+
+def test_atomic_writes_of_one_file_by_two_writers_at_once_do_not_collide(tmp_path):
+    path = tmp_path / "case.npz"
+    with atomic_write(path) as first:
+        first.write(b"first, ")
+        with atomic_write(path) as second:  # another process preprocessing the same dataset
+            second.write(b"second")
+        assert path.read_bytes() == b"second"
+        first.write(b"complete")
+    assert path.read_bytes() == b"first, complete"  # the last complete write wins; nothing half-written
+    assert [p.name for p in tmp_path.iterdir()] == ["case.npz"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK
 
 
 def test_splits_follow_nnunet_and_are_reused(tmp_path):

@@ -10,25 +10,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+# mkstemp creates files readable by the owner only; the written file gets the mode open() would have given it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_write(path: Path | str) -> Iterator[BinaryIO]:
-    """Write to ``path.tmp`` in the same folder, flush and fsync it, then rename it over ``path``.
+    """Write to a temporary file in the same folder, flush and fsync it, then rename it over ``path``.
 
     The rename is atomic only within one file system, hence the temporary file beside the target; the fsync
     makes sure the renamed file holds its data even after a power loss. On an error the target is untouched.
+    Each writer gets its own temporary name, so processes writing the same file at once (two folds preprocessing
+    one dataset) never rename each other's half-written file: the last complete write wins.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
