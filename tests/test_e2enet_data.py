@@ -21,12 +21,12 @@ import torch
 pytest.importorskip("monai")
 pytest.importorskip("nilearn")
 
+import atomic  # noqa: E402
 import data  # noqa: E402
 import loader  # noqa: E402
 import planning  # noqa: E402
 import prepare_mni  # noqa: E402
 import preprocessing  # noqa: E402
-import atomic  # noqa: E402
 from atomic import atomic_write, write_json  # noqa: E402
 from dataset import convert_msd_dataset, read_dataset_json  # noqa: E402
 from verify import verify_dataset  # noqa: E402
