@@ -242,6 +242,16 @@ def test_rigl_growth_and_reinitialised_regrowth_are_recorded_and_keep_the_densit
     assert sparsity.density() == pytest.approx(0.2, abs=0.01)
 
 
+def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp_path):
+    flags = ["--update-every", "1", "--update-until", "0.5"]
+    result = train.main(run_args(dataset, tmp_path / "until", *flags, epochs=4, iters=2))
+    assert result["config"]["update_until"] == 0.5
+    updates = [row["topology_updates"] for row in result["log"]]
+    # Iterations 1-4 may change the topology (the last one at a zero cosine), 5-8 train under a fixed mask.
+    assert updates[0] > 0 and updates[2:] == [0, 0]
+    assert result["sparsity"].density() == pytest.approx(0.2, abs=0.01)
+
+
 def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
     with pytest.raises(SystemExit):
         train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2

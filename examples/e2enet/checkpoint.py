@@ -32,6 +32,7 @@ RESUME_KEYS = (
     "growth",
     "regrow_init",
     "drop_fraction",
+    "update_until",
     "augment",
     "mirror_axes",
     "model_options",
@@ -49,6 +50,7 @@ UNRECORDED_DEFAULTS = {
     "growth": "random",
     "regrow_init": "zeros",
     "drop_fraction": 0.5,
+    "update_until": 1.0,
 }
 
 

@@ -45,6 +45,7 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "growth": args.growth,
         "regrow_init": args.regrow_init,
         "drop_fraction": args.drop_fraction,
+        "update_until": args.update_until,
         "augment": args.augment,
         "mirror_axes": list(args.mirror_axes),
         "model_options": args.model_options,

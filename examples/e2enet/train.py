@@ -89,6 +89,7 @@ PRESET_RUNS = {
 MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.99, 3e-5, 0.9, 12.0
 PAPER_UPDATE_EVERY = 1200
 PAPER_DROP_FRACTION = 0.5  # the death rate alpha
+PAPER_UPDATE_UNTIL = 1.0  # updates go on to the end of the run
 GRANULARITIES = ("kernel", "input_channel")
 GROWTH = {"random": sf.growth.Random, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
 REGROW_INITS = ("zeros", "reinit")
@@ -187,6 +188,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=PAPER_DROP_FRACTION,
         help="share of active kernels exchanged at the first update, decaying by a cosine to 0 (the paper's 0.5)",
     )
+    p.add_argument(
+        "--update-until",
+        type=float,
+        default=PAPER_UPDATE_UNTIL,
+        help="share of the run during which the topology may change; the cosine reaches 0 there and the mask is "
+        "fixed after it (RigL's t_end, 0.75; the paper: 1.0, updates to the end)",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
     again.add_argument("--overwrite", action="store_true", help="replace a fold already trained in RUN_DIR")
@@ -216,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--epochs and --iters-per-epoch must be positive")
     if not 0.0 < args.drop_fraction < 1.0:
         p.error(f"--drop-fraction must be in (0, 1), got {args.drop_fraction}")
+    if not 0.0 < args.update_until <= 1.0:
+        p.error(f"--update-until must be in (0, 1], got {args.update_until}")
     if args.grace_updates < 0:
         p.error(f"--grace-updates must be >= 0, got {args.grace_updates}")
     args.model_options = dict(args.model_option)
@@ -269,10 +279,16 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
     """DSFF on the fusion layers (static with --static), or None for a dense run."""
     if args.density >= 1.0:
         return None
+    last_update = max(1, round(args.update_until * total_iters))
     schedule = (
         None
         if args.static
-        else sf.schedules.CosineDecay(every=args.update_every, alpha=args.drop_fraction, total_steps=total_iters)
+        else sf.schedules.CosineDecay(
+            every=args.update_every,
+            alpha=args.drop_fraction,
+            total_steps=last_update,
+            stop=last_update if last_update < total_iters else None,
+        )
     )
     return sf.DynamicSparsity(
         model,
