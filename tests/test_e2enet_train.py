@@ -252,9 +252,21 @@ def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp
     assert result["sparsity"].density() == pytest.approx(0.2, abs=0.01)
 
 
-def test_sparsifying_the_baseline_is_refused(dataset, tmp_path):
-    with pytest.raises(SystemExit):
-        train.main(run_args(dataset, tmp_path / "x", "--arch", "dynunet"))  # density 0.2
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--arch", "dynunet"], "--density < 1 sparsify E2ENet's fusion layers"),  # run_args asks for density 0.2
+        (["--arch", "dynunet", "--density", "1", "--growth", "gradient"], "--growth sparsify E2ENet's fusion"),
+        (["--density", "1", "--update-until", "0.75"], "--update-until only act on a sparse run"),
+        (["--density", "1", "--static"], "--static only act on a sparse run"),
+        (["--static", "--drop-fraction", "0.3"], "--static keeps the first mask, so --drop-fraction would change"),
+    ],
+)
+def test_sparse_flags_that_would_be_ignored_are_refused(dataset, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as refused:
+        train.main(run_args(dataset, tmp_path / "x", *flags))
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_identical(

@@ -93,6 +93,21 @@ PAPER_UPDATE_UNTIL = 1.0  # updates go on to the end of the run
 GRANULARITIES = ("kernel", "input_channel")
 GROWTH = {"random": sf.growth.Random, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
 REGROW_INITS = ("zeros", "reinit")
+# The topology-update flags and their values when not given (the paper's rules); only a dynamic run uses them.
+TOPOLOGY_UPDATE_DEFAULTS = {
+    "update_every": None,  # set from the run's length in parse_args
+    "grace_updates": 0,
+    "growth": "random",
+    "regrow_init": "zeros",
+    "drop_fraction": PAPER_DROP_FRACTION,
+    "update_until": PAPER_UPDATE_UNTIL,
+}
+# ... and with the mask's own flags, what any sparse run (--density < 1) uses.
+SPARSE_DEFAULTS = {"granularity": "kernel", "distribution": "uniform", **TOPOLOGY_UPDATE_DEFAULTS}
+
+
+def flag_list(keys) -> str:
+    return ", ".join(f"--{key.replace('_', '-')}" for key in sorted(keys))
 
 
 def model_option(text: str) -> tuple[str, object]:
@@ -127,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--grace-updates",
         type=int,
-        default=0,
+        default=None,
         help="regrown kernels cannot be dropped at the next N updates (default 0; read docs/e2enet.md first)",
     )
     p.add_argument(
@@ -158,40 +173,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        default="kernel",
+        default=None,
         help="what one mask bit of a fusion layer switches: a (c_out, c_in) kernel (the paper) or a whole input "
         "channel (structured: sparsefuse.compact removes it at inference)",
     )
     p.add_argument(
         "--distribution",
         choices=sf.distribution.DISTRIBUTIONS,
-        default="uniform",
+        default=None,
         help="how --density is spread over the fusion layers: uniform (the paper: every layer at --density) or "
         "er / erk (Erdos-Renyi(-Kernel): narrow layers keep more, wide ones less, the same total)",
     )
     p.add_argument(
         "--growth",
         choices=sorted(GROWTH),
-        default="random",
+        default=None,
         help="which inactive kernels a topology update regrows: random (the paper) or gradient (RigL: largest "
         "gradient magnitude)",
     )
     p.add_argument(
         "--regrow-init",
         choices=REGROW_INITS,
-        default="zeros",
+        default=None,
         help="values of regrown kernels: zeros (the paper) or reinit (fresh values from torch's conv init)",
     )
     p.add_argument(
         "--drop-fraction",
         type=float,
-        default=PAPER_DROP_FRACTION,
+        default=None,
         help="share of active kernels exchanged at the first update, decaying by a cosine to 0 (the paper's 0.5)",
     )
     p.add_argument(
         "--update-until",
         type=float,
-        default=PAPER_UPDATE_UNTIL,
+        default=None,
         help="share of the run during which the topology may change; the cosine reaches 0 there and the mask is "
         "fixed after it (RigL's t_end, 0.75; the paper: 1.0, updates to the end)",
     )
@@ -211,13 +226,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--fold must be 0-4 or 'all', got {args.fold!r}")
     if not 0.0 < args.density <= 1.0:
         p.error(f"--density must be in (0, 1], got {args.density}")
-    if args.arch != "e2enet" and (
-        args.density < 1.0 or args.static or args.granularity != "kernel" or args.distribution != "uniform"
-    ):
-        p.error(
-            "--density < 1, --static, --granularity and --distribution sparsify E2ENet's fusion layers; use them "
-            "with --arch e2enet"
-        )
+    given = {key for key in SPARSE_DEFAULTS if getattr(args, key) is not None} | ({"static"} if args.static else set())
+    if args.arch != "e2enet" and (args.density < 1.0 or given):
+        p.error(f"{flag_list(given) or '--density < 1'} sparsify E2ENet's fusion layers; use them with --arch e2enet")
+    if args.density >= 1.0 and given:
+        p.error(f"{flag_list(given)} only act on a sparse run; give --density below 1, or drop them")
+    if args.static and given & set(TOPOLOGY_UPDATE_DEFAULTS):
+        unused = flag_list(given & set(TOPOLOGY_UPDATE_DEFAULTS))
+        p.error(f"--static keeps the first mask, so {unused} would change nothing; drop them")
+    for key, default in SPARSE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     if not args.lr > 0:
         p.error(f"--lr must be positive, got {args.lr}")
     if args.epochs < 1 or args.iters_per_epoch < 1:
