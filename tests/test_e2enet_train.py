@@ -249,6 +249,7 @@ def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp
     updates = [row["topology_updates"] for row in result["log"]]
     # Iterations 1-4 may change the topology (the last one at a zero cosine), 5-8 train under a fixed mask.
     assert updates[0] > 0 and updates[2:] == [0, 0]
+    assert result["sparsity"].schedule.fraction(4) == 0.0  # the cosine ends where the updates stop
     assert result["sparsity"].density() == pytest.approx(0.2, abs=0.01)
 
 

@@ -306,7 +306,7 @@ def build_sparsity(args, model, optimizer, scaler, total_iters: int) -> sf.Dynam
             every=args.update_every,
             alpha=args.drop_fraction,
             total_steps=last_update,
-            stop=last_update if last_update < total_iters else None,
+            stop=last_update,
         )
     )
     return sf.DynamicSparsity(
