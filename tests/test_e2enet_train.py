@@ -5,6 +5,7 @@ The MNI dataset at 6 mm is about 25-30 voxels a side, so every run here takes se
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 
@@ -442,3 +443,21 @@ def test_compare_reports_mean_and_spread_over_seeds_under_one_recipe(dataset, tm
             assert config["lr"] == 0.02 and config["seed"] == seed
     assert json.loads((workdir / "rows.json").read_text())["rows"][0]["name"] == settings[0]
     assert (workdir / "learning_curves.png").stat().st_size > 0
+
+
+def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
+    """CUDA autocast hands validation float16 logits; a loss summed over a 48^3 patch in float16 overflowed to NaN."""
+    from epoch_log import validate
+    from monai.losses import DiceCELoss
+
+    class Float16Logits(torch.nn.Module):
+        def forward(self, image):
+            return torch.cat([image, -image, 0 * image], dim=1).half()
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, 1, 48, 48, 48)
+    batches = iter([{"image": torch.randn(shape, generator=generator), "label": torch.randint(0, 3, shape)}])
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    loss, counts = validate(Float16Logits(), batches, loss_fn, 1, 3, torch.device("cpu"), contextlib.nullcontext)
+    assert np.isfinite(loss)
+    assert counts.sum() > 0

@@ -29,7 +29,8 @@ def validate(model, loader, loss_fn, iters: int, num_classes: int, device, autoc
         image, label = to_device(next(loader), device)
         with autocast():
             logits = model(image)
-        losses.append(loss_fn(logits, label).item())
+        # Under CUDA autocast the logits are float16, and the Dice sums over a patch overflow float16 (NaN loss).
+        losses.append(loss_fn(logits.float(), label).item())
         pred, ref = logits.argmax(1).cpu(), label[:, 0].cpu()
         for c in range(1, num_classes):
             counts[0, c - 1] += ((pred == c) & (ref == c)).sum()
