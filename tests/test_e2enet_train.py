@@ -401,13 +401,19 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
     assert "written by a run on 2 process(es), this one has 1" in single.stderr, single.stderr[-2000:]
 
 
-def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(dataset, tmp_path):
+@pytest.mark.parametrize("sparse_layers", ["fusion", "fusion-convs"])
+def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(dataset, tmp_path, sparse_layers):
     """predict.py runs a sparse E2ENet compacted (dead channels not computed); --no-compact runs it masked. Both
-    give the same softmax to float rounding, so the same labels."""
+    give the same softmax to float rounding, so the same labels. With --sparse-layers fusion-convs the transposed
+    convs are not masked: every coarse channel reaches them, and compaction still matches."""
     out = tmp_path / "run"
-    train.main(run_args(dataset, out, "--granularity", "input_channel", density=0.1, epochs=1))
+    flags = ["--granularity", "input_channel", "--sparse-layers", sparse_layers]
+    result = train.main(run_args(dataset, out, *flags, density=0.1, epochs=1))
+    masked_ups = [name for name in result["sparsity"].target_names if ".up." in name]
+    assert bool(masked_ups) == (sparse_layers == "fusion")
+    assert all(".convs." in name for name in result["sparsity"].target_names if name not in masked_ups)
     fold = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert fold["config"]["granularity"] == "input_channel"
+    assert (fold["config"]["granularity"], fold["config"]["sparse_layers"]) == ("input_channel", sparse_layers)
     models, *_ = predict.load_folds(out, None, "final", torch.device("cpu"))
     assert type(models[0]).__name__ == "CompactE2ENet"
     outputs = {}
@@ -461,3 +467,16 @@ def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
     loss, counts = validate(Float16Logits(), batches, loss_fn, 1, 3, torch.device("cpu"), contextlib.nullcontext)
     assert np.isfinite(loss)
     assert counts.sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("preset", "flags", "rules"),
+    [
+        ("cpu-demo", [], (0.2, 0.75)),  # measured better at CPU budgets
+        ("paper", [], (0.5, 1.0)),  # the authors' rules
+        ("cpu-demo", ["--drop-fraction", "0.5", "--update-until", "1.0"], (0.5, 1.0)),  # given flags win
+    ],
+)
+def test_topology_update_rules_follow_the_preset_unless_given(tmp_path, preset, flags, rules):
+    args = train.parse_args(["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", preset, *flags])
+    assert (args.drop_fraction, args.update_until) == rules

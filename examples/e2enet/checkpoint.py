@@ -23,6 +23,7 @@ RESUME_KEYS = (
     "density",
     "static",
     "granularity",
+    "sparse_layers",
     "epochs",
     "iters_per_epoch",
     "lr",
@@ -51,6 +52,7 @@ UNRECORDED_DEFAULTS = {
     "regrow_init": "zeros",
     "drop_fraction": 0.5,
     "update_until": 1.0,
+    "sparse_layers": "fusion",
 }
 
 

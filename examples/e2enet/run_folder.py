@@ -36,6 +36,7 @@ def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: boo
         "density": args.density,
         "static": args.static,
         "granularity": args.granularity,
+        "sparse_layers": args.sparse_layers,
         "epochs": args.epochs,
         "iters_per_epoch": args.iters_per_epoch,
         "lr": args.lr,
