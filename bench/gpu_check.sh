@@ -9,7 +9,7 @@
 # examples/e2enet/prepare_mni.py. PYTHON (default python3) names the interpreter; it needs torch, MONAI and nibabel.
 set -uo pipefail
 DATA=${1:?usage: bash bench/gpu_check.sh RAW_DATASET_DIR [BENCH_BUDGET_S]}
-BUDGET=${2:-240}
+BUDGET=${2:-360}
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
