@@ -408,11 +408,19 @@ def main(argv=None) -> dict:
     elif args.resume:
         log(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
     processes = f"; {procs.world_size} processes (global batch {procs.world_size * plans.batch_size})"
+    if sparsity is None:
+        sparse = "dense"
+    elif args.static:
+        sparse = f"static density {args.density}"
+    else:
+        sparse = (
+            f"dynamic density {args.density} (topology update every {args.update_every} iterations until "
+            f"{args.update_until:.0%} of the run, drop fraction {args.drop_fraction})"
+        )
     log(
-        f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, "
-        f"{'static' if args.static else 'dynamic'} density {args.density}, fold {args.fold} "
-        f"({len(train_ids)} train / {len(val_ids)} val cases), patch {plans.patch_size} x batch "
-        f"{plans.batch_size}, {total_iters} iterations, topology update every {args.update_every}"
+        f"{args.arch} {args.preset}: {sum(p.numel() for p in model.parameters()):,} dense params, {sparse}, "
+        f"fold {args.fold} ({len(train_ids)} train / {len(val_ids)} val cases), patch {plans.patch_size} x batch "
+        f"{plans.batch_size}, {total_iters} iterations"
         + (processes if distributed else "")
         + ("; mixed precision (float16)" if amp else "")
     )
