@@ -456,7 +456,7 @@ def test_compare_reports_mean_and_spread_over_seeds_under_one_recipe(dataset, tm
 def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
     """CUDA autocast hands validation float16 logits; a loss summed over a 48^3 patch in float16 overflowed to NaN."""
     from epoch_log import validate
-    from monai.losses import DiceCELoss
+    from loss import dice_ce_loss
 
     class Float16Logits(torch.nn.Module):
         def forward(self, image):
@@ -465,8 +465,7 @@ def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
     generator = torch.Generator().manual_seed(0)
     shape = (2, 1, 48, 48, 48)
     batches = iter([{"image": torch.randn(shape, generator=generator), "label": torch.randint(0, 3, shape)}])
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    loss, counts = validate(Float16Logits(), batches, loss_fn, 1, 3, torch.device("cpu"), contextlib.nullcontext)
+    loss, counts = validate(Float16Logits(), batches, dice_ce_loss(), 1, 3, torch.device("cpu"), contextlib.nullcontext)
     assert np.isfinite(loss)
     assert counts.sum() > 0
 

@@ -34,6 +34,7 @@ from plots import plot_learning_curves
 
 import sparsefuse as sf
 
+INPUT_CHANNEL_ERK_01 = ["--density", "0.1", "--granularity", "input_channel", "--distribution", "erk"]
 SETTINGS = {  # row name -> train.py flags
     "E2ENet dense": ["--density", "1.0"],
     "E2ENet DSFF 0.3": ["--density", "0.3"],
@@ -44,25 +45,9 @@ SETTINGS = {  # row name -> train.py flags
     "E2ENet DSFF input-channel 0.2": ["--density", "0.2", "--granularity", "input_channel"],
     "E2ENet DSFF input-channel 0.1": ["--density", "0.1", "--granularity", "input_channel"],
     # The same total, spread by Erdos-Renyi-Kernel: narrow layers keep more of their inputs.
-    "E2ENet DSFF input-channel 0.1 ERK": [
-        "--density",
-        "0.1",
-        "--granularity",
-        "input_channel",
-        "--distribution",
-        "erk",
-    ],
+    "E2ENet DSFF input-channel 0.1 ERK": INPUT_CHANNEL_ERK_01,
     # ... with the transposed convs dense, so that each coarser level's features reach the node whole.
-    "E2ENet DSFF input-channel 0.1 ERK, dense up": [
-        "--density",
-        "0.1",
-        "--granularity",
-        "input_channel",
-        "--distribution",
-        "erk",
-        "--sparse-layers",
-        "fusion-convs",
-    ],
+    "E2ENet DSFF input-channel 0.1 ERK, dense up": [*INPUT_CHANNEL_ERK_01, "--sparse-layers", "fusion-convs"],
     "DynUNet (nnU-Net)": ["--arch", "dynunet", "--density", "1.0"],
 }
 DEFAULT_SETTINGS = ["E2ENet dense", "E2ENet DSFF 0.2", "E2ENet DSFF 0.1", "E2ENet static 0.1", "DynUNet (nnU-Net)"]

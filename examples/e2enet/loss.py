@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from loader import to_network_layout
+from monai.losses import DiceCELoss
 
 from sparsefuse.validation import positive_int
 
@@ -27,6 +28,11 @@ def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
     raw = [0.5**k for k in range(num_outputs)]  # the (num_outputs+1)-th weight is the zeroed one
     total = sum(raw)
     return tuple(w / total for w in raw)
+
+
+def dice_ce_loss() -> DiceCELoss:
+    """nnU-Net's Dice + CE on the foreground classes, softmax over the logits, labels as class indices."""
+    return DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
 
 
 def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

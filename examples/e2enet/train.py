@@ -47,9 +47,8 @@ from atomic import write_json
 from checkpoint import load_checkpoint, rank_state, restore, save_checkpoint
 from epoch_log import describe, epoch_row, validate, write_log
 from loader import ALL_AXES, AUGMENTATIONS, TrainLoader
-from loss import DivergenceGuard, deep_supervision_loss, to_device
+from loss import DivergenceGuard, deep_supervision_loss, dice_ce_loss, to_device
 from model import e2enet_fusion_targets, is_fusion_conv
-from monai.losses import DiceCELoss
 from networks import ARCHITECTURES, build_model, network_stride, output_list
 from planning import Plans, default_preprocessed_dir, fold_cases, plan_and_preprocess
 from plots import fusion_connection_proportions, plot_fusion_connections, plot_progress
@@ -386,7 +385,7 @@ def main(argv=None) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext
     sparsity = build_sparsity(args, model, optimizer, scaler, total_iters)
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    loss_fn = dice_ce_loss()
     # Each rank draws its own batches (like a DistributedSampler's shards): global batch = world_size x batch_size.
     train_loader = TrainLoader(
         data_dir,
