@@ -12,7 +12,9 @@ and sequential cases give a clean peak memory per case):
 * E2ENet compacted: ``compact_e2enet`` (examples/e2enet/compaction.py) of the E2ENet with random input-channel masks
   at density 0.1 on its fusion weights, built in channels_last_3d; inference only (it is not a training model).
   Then the same model under ``torch.compile(mode="reduce-overhead")``, which on CUDA replays the forward as a CUDA
-  graph (warm-up calls include the compilation).
+  graph (warm-up calls include the compilation), against DynUNet compiled the same way (inference rows only);
+  and the compacted model with ERK layer densities (the input-channel setting that measured accurate on the CPU),
+  compiled too.
 
 Time: median of --steps calls after --warmup calls (cudnn.benchmark is on, so the first calls pick algorithms),
 each call bracketed by ``torch.cuda.synchronize()``. Peak memory: ``torch.cuda.max_memory_allocated()`` over the
@@ -25,6 +27,7 @@ environment variable OUT is set.
 
     python bench/gpu.py                 # on a GPU
     python bench/gpu.py --dry-run       # same code path on CPU: cpu-demo preset, 32^3, bf16 autocast, < 60 s
+    python bench/gpu.py --inference-only  # skip the training steps (the slowest cases)
 
 DynUNet needs MONAI. On a machine where it is not installed and cannot be, put it in ``.gpu_deps`` at the
 repository root (e.g. ``pip install --no-deps --target .gpu_deps monai``, or a copy of a virtual environment's
@@ -63,6 +66,8 @@ DENSITY = 0.2
 COMPACT_DENSITY = 0.1  # input-channel masks, the setting compaction is for
 GIB = 2**30
 COMPILED = "E2ENet compacted, torch.compile"
+COMPILED_ERK = "E2ENet compacted ERK, torch.compile"
+DYNUNET_COMPILED = "DynUNet, torch.compile"
 
 
 class Clock:
@@ -123,24 +128,32 @@ def timed(fn, device: torch.device, warmup: int, steps: int, clock: Clock, case_
     }
 
 
+def compiled(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    # Hundreds of small operators per forward: on a GPU their launches, not their arithmetic, set the time.
+    # reduce-overhead replays the whole forward as one CUDA graph; on the CPU (dry run) it only compiles.
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default")
+
+
 def build(arch: str, preset: str, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch.startswith("E2ENet compacted"):  # built on the CPU, already in channels_last_3d
         model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
         sparsity = sf.DynamicSparsity(
-            model, None, density=COMPACT_DENSITY, targets=e2enet_fusion_targets, granularity="input_channel"
+            model,
+            None,
+            density=COMPACT_DENSITY,
+            targets=e2enet_fusion_targets,
+            granularity="input_channel",
+            distribution="erk" if arch == COMPILED_ERK else "uniform",
         )
         compacted = compact_e2enet(model, sparsity, torch.channels_last_3d).to(device)
-        if arch == COMPILED:
-            # Hundreds of small operators per forward: on a GPU their launches, not their arithmetic, set the time.
-            # reduce-overhead replays the whole forward as one CUDA graph; on the CPU (dry run) it only compiles.
-            return torch.compile(compacted, mode="reduce-overhead" if device.type == "cuda" else "default")
-        return compacted
+        return compiled(compacted, device) if arch in (COMPILED, COMPILED_ERK) else compacted
     if arch == "E2ENet":
         model = build_e2enet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
     else:
         model = build_dynunet(preset, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
-    return model.to(device, memory_format=torch.channels_last_3d)
+    model = model.to(device, memory_format=torch.channels_last_3d)
+    return compiled(model.eval(), device) if arch == DYNUNET_COMPILED else model
 
 
 def train_case(model, density: float, args, device, amp_dtype, clock: Clock, case_budget_s: float) -> dict:
@@ -213,7 +226,7 @@ def run_model(arch: str, density: float, args, device, amp_dtype, clock: Clock) 
         missing = f"unavailable ({err.name or err} not installed)"
         return {**row, "train": {"error": missing}, "inference": {"error": missing}}
     row["params"] = sum(p.numel() for p in model.parameters())
-    if arch.startswith("E2ENet compacted"):
+    if args.inference_only or arch.startswith("E2ENet compacted") or arch == DYNUNET_COMPILED:
         row["train"] = {"error": "n/a (inference only)"}
     else:
         row["train"] = guarded(
@@ -246,13 +259,15 @@ def cell_gib(result: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    ref = next((r for r in rows if r["model"] == "DynUNet"), None)
+    # Compiled rows are compared with the compiled DynUNet, the others with the eager one.
+    refs = {r["model"]: r for r in rows if r["model"] in ("DynUNet", DYNUNET_COMPILED)}
     lines = [
         "| model | density | train step ms | vs DynUNet | train peak GiB | inference ms | vs DynUNet | "
         "inference peak GiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ref = refs.get(DYNUNET_COMPILED if "torch.compile" in r["model"] else "DynUNet")
         t_ms, t_ratio = cell_ms(r["train"], ref["train"] if ref else None)
         i_ms, i_ratio = cell_ms(r["inference"], ref["inference"] if ref else None)
         lines.append(
@@ -280,6 +295,7 @@ def main() -> None:
         default=None,
         help="autocast dtype (default fp16 with GradScaler; dry run bf16, no scaler)",
     )
+    parser.add_argument("--inference-only", action="store_true", help="skip the training-step cases")
     parser.add_argument("--budget-s", type=float, default=420.0, help="whole-run time budget in seconds")
     parser.add_argument("--case-budget-s", type=float, default=60.0, help="timed seconds per training case")
     args = parser.parse_args()
@@ -337,7 +353,9 @@ def main() -> None:
             ("E2ENet", 1.0),
             ("E2ENet", DENSITY),
             ("E2ENet compacted", COMPACT_DENSITY),
+            (DYNUNET_COMPILED, 1.0),
             (COMPILED, COMPACT_DENSITY),
+            (COMPILED_ERK, COMPACT_DENSITY),
         )
     ]
     md = table(rows)
