@@ -8,9 +8,10 @@ Sections; within each, all cases run interleaved in one process on the same inpu
    assembled input, for fusion node x(0, 1) of the paper preset at 64^3;
 3. inference, paper presets, eval, no grad, batch 1, 1 x 64^3: DynUNet and dense E2ENet (contiguous and
    channels_last_3d), the compacted copies at density 1.0 (every channel kept: the lean dense path), 0.2 and 0.1,
-   and 0.1 with ERK layer densities in both formats;
+   0.1 with ERK layer densities in both formats, and 0.1 with input-channel masks per block of 4 outputs
+   ("blocks", uniform and ERK);
 4. inference at 1 x 128^3: DynUNet against the compacted copies at 0.2 and 0.1, and at 0.1 with ERK layer densities
-   (few repeats: ~8 s a call);
+   and with per-block masks (few repeats: ~8 s a call);
 5. cpu-demo presets: inference at 1 x 32^3 in both memory formats, and one training step (forward, loss = sum
    of the deep-supervision outputs' mean squares, backward, nnU-Net's SGD, ``sparsity.step()`` for the masked
    model) at batch 2 x 32^3: training runs the masked model (compaction is for inference);
@@ -60,6 +61,8 @@ IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITIES = (0.2, 0.1)
 ERK_DENSITY = 0.1  # also timed with ERK layer densities, which keep more of the narrow full-resolution layers
 ERK_NAME = f"compacted {ERK_DENSITY} ERK"
+# Input-channel masks per block of 4 output channels (granularity "input_channel_blocks"), uniform and ERK.
+BLOCKS = {f"compacted {ERK_DENSITY} blocks": "uniform", f"compacted {ERK_DENSITY} blocks ERK": "erk"}
 CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last_3d
 FORMAT_NAMES = {CONTIGUOUS: "contiguous", CHANNELS_LAST: "channels_last_3d"}
 # Kind of work of each operator called from Python (torch.profiler's top-level events).
@@ -109,7 +112,11 @@ def dynunet(preset: str) -> nn.Module:
 
 
 def input_channel_masks(
-    model: nn.Module, density: float, optimizer=None, distribution: str = "uniform"
+    model: nn.Module,
+    density: float,
+    optimizer=None,
+    distribution: str = "uniform",
+    granularity: str = "input_channel",
 ) -> sf.DynamicSparsity:
     """Random input-channel masks on the fusion weights of ``model`` (zeroed in place)."""
     return sf.DynamicSparsity(
@@ -117,16 +124,28 @@ def input_channel_masks(
         optimizer,
         density=density,
         targets=e2enet_fusion_targets,
-        granularity="input_channel",
+        granularity=granularity,
         distribution=distribution,
     )
 
 
 def compacted(
-    dense: nn.Module, density: float, fmt: torch.memory_format = CHANNELS_LAST, distribution: str = "uniform"
+    dense: nn.Module,
+    density: float,
+    fmt: torch.memory_format = CHANNELS_LAST,
+    distribution: str = "uniform",
+    granularity: str = "input_channel",
 ) -> nn.Module:
     masked = copy.deepcopy(dense)
-    return compact_e2enet(masked, input_channel_masks(masked, density, distribution=distribution), fmt)
+    return compact_e2enet(masked, input_channel_masks(masked, density, None, distribution, granularity), fmt)
+
+
+def compacted_blocks(dense: nn.Module) -> dict[str, nn.Module]:
+    """The compacted copies with per-block input-channel masks (the union of the blocks' reads is computed)."""
+    return {
+        name: compacted(dense, ERK_DENSITY, distribution=distribution, granularity="input_channel_blocks")
+        for name, distribution in BLOCKS.items()
+    }
 
 
 def gflops(arch: str, patch: int, plan: dict | None = None) -> float:
@@ -164,6 +183,10 @@ def compacted_gflops(patch: int) -> str:
         plan = e2enet_compaction_plan(masked, input_channel_masks(masked, density, distribution=distribution))
         name = ERK_NAME if distribution == "erk" else f"compacted {density}"
         parts.append(f"{name} {gflops('E2ENet', patch, plan):.0f} G")
+    for name, distribution in BLOCKS.items():
+        masked = copy.deepcopy(dense)
+        sparsity = input_channel_masks(masked, ERK_DENSITY, None, distribution, "input_channel_blocks")
+        parts.append(f"{name} {gflops('E2ENet', patch, e2enet_compaction_plan(masked, sparsity)):.0f} G")
     return (
         f"  conv cost (2 x MACs): DynUNet {gflops('DynUNet', patch):.0f} G, E2ENet dense "
         f"{gflops('E2ENet', patch):.0f} G, " + ", ".join(parts)
@@ -264,6 +287,8 @@ def inference_64(args) -> None:
     for fmt in (CHANNELS_LAST, CONTIGUOUS):
         erk = compacted(dense_e2e, ERK_DENSITY, fmt, distribution="erk")
         cases[(ERK_NAME, FORMAT_NAMES[fmt])] = forward(erk, x)
+    for name, model in compacted_blocks(dense_e2e).items():
+        cases[(name, "channels_last_3d")] = forward(model, x)
     times = interleaved(cases, args.repeats_64, warmup=1)
     table(
         f"3. Inference, paper presets, 1 x {IN_CHANNELS} x 64^3, {NUM_CLASSES} classes, median of "
@@ -282,6 +307,8 @@ def inference_128(args) -> None:
     for density in DENSITIES:
         cases[(f"compacted {density}", "channels_last_3d")] = forward(compacted(dense_e2e, density), x)
     cases[(ERK_NAME, "channels_last_3d")] = forward(compacted(dense_e2e, ERK_DENSITY, distribution="erk"), x)
+    for name, model in compacted_blocks(dense_e2e).items():
+        cases[(name, "channels_last_3d")] = forward(model, x)
     del dense_e2e
     times = interleaved(cases, args.repeats_128, warmup=1)
     table(
@@ -290,7 +317,7 @@ def inference_128(args) -> None:
         ("DynUNet", "contiguous"),
     )
     print(compacted_gflops(128))
-    for name in ("compacted 0.1", ERK_NAME):
+    for name in ("compacted 0.1", ERK_NAME, *BLOCKS):
         ratio = times[(name, "channels_last_3d")] / times[("DynUNet", "contiguous")]
         print(
             f"  target: {name} >= 1.3x faster than DynUNet (<= 0.77x its time): {1 / ratio:.2f}x faster, "

@@ -16,7 +16,16 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Granularity", "Element", "Kernel", "Channel", "InputChannel", "Block", "get_granularity"]
+__all__ = [
+    "Granularity",
+    "Element",
+    "Kernel",
+    "Channel",
+    "InputChannel",
+    "InputChannelBlocks",
+    "Block",
+    "get_granularity",
+]
 
 
 class Granularity(ABC):
@@ -187,6 +196,65 @@ class InputChannel(Granularity):
         return f"InputChannel(dim={self.dim}, groups={self.groups})"
 
 
+class InputChannelBlocks(Granularity):
+    """Input-channel masks per block of outputs: the outputs are cut into ``blocks`` equal, consecutive slices, and
+    each slice reads its own set of input channels. Group (b, c) holds every weight by which an output of block b
+    reads input channel c.
+
+    Between :class:`InputChannel` (``blocks=1``: every output reads the same inputs) and :class:`Kernel`
+    (``blocks`` = the number of outputs). Compared with ``InputChannel`` at the same density, the layer as a whole
+    reads up to ``blocks`` times more distinct inputs, while each output still reads the same number; compaction
+    then removes the input channels no block reads.
+
+    Shapes: group mask (blocks, in) for a Linear/Conv weight (out, in, *k) or a ConvTranspose weight
+    (in, out, *k). Grouped convolutions are refused (use ``input_channel``), and ``blocks`` must divide the
+    number of outputs.
+
+    Args:
+        blocks: output slices per layer, each with its own input-channel mask (default 4).
+    """
+
+    def __init__(self, blocks: int = 4, transposed: bool = False):
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"InputChannelBlocks(blocks=...) needs a positive int, got {blocks!r}")
+        self.blocks, self.transposed = blocks, transposed
+
+    def bind(self, name, weight, module):
+        _require_2d("input_channel_blocks", name, weight)
+        if getattr(module, "groups", 1) != 1:
+            raise ValueError(
+                f"{self!r} cannot cut the grouped conv {name!r} (groups={module.groups}); use "
+                f"granularity='input_channel' or leave it out of `targets`"
+            )
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        outputs = weight.shape[1 if transposed else 0]
+        if outputs % self.blocks:
+            raise ValueError(
+                f"{name!r} has {outputs} outputs, which {self.blocks} blocks do not divide; choose a number of "
+                f"blocks that divides every target's outputs, or leave {name!r} out of `targets`"
+            )
+        return InputChannelBlocks(self.blocks, transposed)
+
+    def groups_shape(self, weight_shape):
+        return (self.blocks, weight_shape[0 if self.transposed else 1])
+
+    def expand(self, group_values, weight_shape):
+        outputs = weight_shape[1 if self.transposed else 0]
+        pairs = group_values.repeat_interleave(outputs // self.blocks, dim=0)  # (out, in)
+        if self.transposed:
+            pairs = pairs.t()
+        return pairs.reshape(*pairs.shape, *([1] * (len(weight_shape) - 2)))
+
+    def group_sum(self, values):
+        pairs = values.flatten(2).sum(2) if values.dim() > 2 else values
+        if self.transposed:
+            pairs = pairs.t()  # (out, in)
+        return pairs.reshape(self.blocks, pairs.shape[0] // self.blocks, pairs.shape[1]).sum(1)
+
+    def __repr__(self):
+        return f"InputChannelBlocks(blocks={self.blocks}, transposed={self.transposed})"
+
+
 class Block(Granularity):
     """Blocks of ``rows x cols`` (dim0, dim1) pairs, each pair covering its whole spatial kernel."""
 
@@ -222,11 +290,18 @@ class Block(Granularity):
         return f"Block({self.rows}, {self.cols})"
 
 
-_BY_NAME = {"element": Element, "kernel": Kernel, "channel": Channel, "input_channel": InputChannel}
+_BY_NAME = {
+    "element": Element,
+    "kernel": Kernel,
+    "channel": Channel,
+    "input_channel": InputChannel,
+    "input_channel_blocks": InputChannelBlocks,
+}
 
 
 def get_granularity(spec: str | Granularity) -> Granularity:
-    """``"element" | "kernel" | "channel" | "input_channel"`` or a Granularity instance (e.g. ``Block(4, 4)``)."""
+    """``"element" | "kernel" | "channel" | "input_channel" | "input_channel_blocks"`` (4 blocks) or a Granularity
+    instance (e.g. ``Block(4, 4)``, ``InputChannelBlocks(8)``)."""
     if isinstance(spec, Granularity):
         return spec
     if isinstance(spec, str) and spec in _BY_NAME:

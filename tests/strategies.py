@@ -44,15 +44,18 @@ def make_layer(kind: str, c_in: int, c_out: int, k: int, groups: int = 1) -> nn.
 
 @st.composite
 def granularities(draw):
-    kind = draw(st.sampled_from(["element", "kernel", "channel", "block"]))
-    if kind != "block":
-        return kind
-    return sf.masks.Block(draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    kind = draw(st.sampled_from(["element", "kernel", "channel", "block", "input_channel_blocks"]))
+    if kind == "block":
+        return sf.masks.Block(draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    if kind == "input_channel_blocks":
+        return sf.masks.InputChannelBlocks(draw(st.integers(1, 3)))
+    return kind
 
 
 @st.composite
 def layer_specs(draw, granularity, max_layers: int = 3):
     rows, cols = (granularity.rows, granularity.cols) if isinstance(granularity, sf.masks.Block) else (1, 1)
+    out_multiple = granularity.blocks if isinstance(granularity, sf.masks.InputChannelBlocks) else 1
     specs = []
     for _ in range(draw(st.integers(1, max_layers))):
         kind = draw(st.sampled_from(LAYER_KINDS))
@@ -60,6 +63,7 @@ def layer_specs(draw, granularity, max_layers: int = 3):
         # Block granularity needs dims that are multiples of the block; transposed weights are (c_in, c_out).
         dim0, dim1 = dim0 * rows, dim1 * cols
         c_in, c_out = (dim0, dim1) if kind.startswith("convT") else (dim1, dim0)
+        c_out *= out_multiple  # InputChannelBlocks: the blocks divide the outputs
         specs.append((kind, c_in, c_out, draw(st.integers(1, 3))))
     return specs
 

@@ -48,6 +48,17 @@ SETTINGS = {  # row name -> train.py flags
     "E2ENet DSFF input-channel 0.1 ERK": INPUT_CHANNEL_ERK_01,
     # ... with the transposed convs dense, so that each coarser level's features reach the node whole.
     "E2ENet DSFF input-channel 0.1 ERK, dense up": [*INPUT_CHANNEL_ERK_01, "--sparse-layers", "fusion-convs"],
+    # Input channels chosen per block of 4 outputs (each block reads its own), ERK, dense up.
+    "E2ENet DSFF input-channel blocks 0.1 ERK, dense up": [
+        "--density",
+        "0.1",
+        "--granularity",
+        "input_channel_blocks",
+        "--distribution",
+        "erk",
+        "--sparse-layers",
+        "fusion-convs",
+    ],
     "DynUNet (nnU-Net)": ["--arch", "dynunet", "--density", "1.0"],
 }
 DEFAULT_SETTINGS = ["E2ENet dense", "E2ENet DSFF 0.2", "E2ENet DSFF 0.1", "E2ENet static 0.1", "DynUNet (nnU-Net)"]

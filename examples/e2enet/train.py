@@ -89,7 +89,7 @@ MOMENTUM, WEIGHT_DECAY, POLY_EXPONENT, GRAD_CLIP = 0.99, 3e-5, 0.9, 12.0
 PAPER_UPDATE_EVERY = 1200
 PAPER_DROP_FRACTION = 0.5  # the death rate alpha
 PAPER_UPDATE_UNTIL = 1.0  # updates go on to the end of the run
-GRANULARITIES = ("kernel", "input_channel")
+GRANULARITIES = ("kernel", "input_channel", "input_channel_blocks")
 # Which fusion layers DSFF masks: all of them (the paper), or the fusion convs alone with the transposed convs dense.
 SPARSE_LAYERS = {"fusion": e2enet_fusion_targets, "fusion-convs": is_fusion_conv}
 GROWTH = {"random": sf.growth.Random, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
@@ -193,8 +193,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--granularity",
         choices=GRANULARITIES,
         default=None,
-        help="what one mask bit of a fusion layer switches: a (c_out, c_in) kernel (the paper) or a whole input "
-        "channel (structured: sparsefuse.compact removes it at inference)",
+        help="what one mask bit of a fusion layer switches: a (c_out, c_in) kernel (the paper), a whole input "
+        "channel (structured: compaction removes it at inference), or an input channel for one of 4 blocks of "
+        "outputs (input_channel_blocks: between the two)",
     )
     p.add_argument(
         "--sparse-layers",
