@@ -403,19 +403,24 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
     assert "written by a run on 2 process(es), this one has 1" in single.stderr, single.stderr[-2000:]
 
 
-@pytest.mark.parametrize("sparse_layers", ["fusion", "fusion-convs"])
-def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(dataset, tmp_path, sparse_layers):
+@pytest.mark.parametrize(
+    ("granularity", "sparse_layers"),
+    [("input_channel", "fusion"), ("input_channel", "fusion-convs"), ("input_channel_blocks", "fusion-convs")],
+)
+def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(
+    dataset, tmp_path, granularity, sparse_layers
+):
     """predict.py runs a sparse E2ENet compacted (dead channels not computed); --no-compact runs it masked. Both
     give the same softmax to float rounding, so the same labels. With --sparse-layers fusion-convs the transposed
     convs are not masked: every coarse channel reaches them, and compaction still matches."""
     out = tmp_path / "run"
-    flags = ["--granularity", "input_channel", "--sparse-layers", sparse_layers]
+    flags = ["--granularity", granularity, "--sparse-layers", sparse_layers]
     result = train.main(run_args(dataset, out, *flags, density=0.1, epochs=1))
     masked_ups = [name for name in result["sparsity"].target_names if ".up." in name]
     assert bool(masked_ups) == (sparse_layers == "fusion")
     assert all(".convs." in name for name in result["sparsity"].target_names if name not in masked_ups)
     fold = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert (fold["config"]["granularity"], fold["config"]["sparse_layers"]) == ("input_channel", sparse_layers)
+    assert (fold["config"]["granularity"], fold["config"]["sparse_layers"]) == (granularity, sparse_layers)
     models, *_ = predict.load_folds(out, None, "final", torch.device("cpu"))
     assert type(models[0]).__name__ == "CompactE2ENet"
     outputs = {}
