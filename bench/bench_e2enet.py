@@ -10,8 +10,8 @@ Sections; within each, all cases run interleaved in one process on the same inpu
    channels_last_3d), the compacted copies at density 1.0 (every channel kept: the lean dense path), 0.2 and 0.1,
    0.1 with ERK layer densities in both formats, and 0.1 with input-channel masks per block of 4 outputs
    ("blocks", uniform and ERK);
-4. inference at 1 x 128^3: DynUNet against the compacted copies at 0.2 and 0.1, and at 0.1 with ERK layer densities
-   and with per-block masks (few repeats: ~8 s a call);
+4. inference at 1 x 128^3: DynUNet against the compacted copies at 0.2 and 0.1, at 0.1 with the transposed convs
+   dense, and at 0.1 with ERK layer densities and with per-block masks (few repeats: ~8 s a call);
 5. cpu-demo presets: inference at 1 x 32^3 in both memory formats, and one training step (forward, loss = sum
    of the deep-supervision outputs' mean squares, backward, nnU-Net's SGD, ``sparsity.step()`` for the masked
    model) at batch 2 x 32^3: training runs the masked model (compaction is for inference);
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "e2
 from compaction import channel_assembly, compact_e2enet, e2enet_compaction_plan  # noqa: E402
 from dynunet import build_dynunet  # noqa: E402
 from lean_ops import copy_runs  # noqa: E402
-from model import build_e2enet, e2enet_fusion_targets  # noqa: E402
+from model import build_e2enet, e2enet_fusion_targets, is_fusion_conv  # noqa: E402
 from networks import output_list  # noqa: E402
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
@@ -63,6 +63,8 @@ ERK_DENSITY = 0.1  # also timed with ERK layer densities, which keep more of the
 ERK_NAME = f"compacted {ERK_DENSITY} ERK"
 # Input-channel masks per block of 4 output channels (granularity "input_channel_blocks"), uniform and ERK.
 BLOCKS = {f"compacted {ERK_DENSITY} blocks": "uniform", f"compacted {ERK_DENSITY} blocks ERK": "erk"}
+# Input-channel masks on the fusion convs alone, the transposed convs dense (train.py --sparse-layers fusion-convs).
+DENSE_UPS_NAME = f"compacted {ERK_DENSITY}, dense ups"
 CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last_3d
 FORMAT_NAMES = {CONTIGUOUS: "contiguous", CHANNELS_LAST: "channels_last_3d"}
 # Kind of work of each operator called from Python (torch.profiler's top-level events).
@@ -117,13 +119,14 @@ def input_channel_masks(
     optimizer=None,
     distribution: str = "uniform",
     granularity: str = "input_channel",
+    targets=e2enet_fusion_targets,
 ) -> sf.DynamicSparsity:
     """Random input-channel masks on the fusion weights of ``model`` (zeroed in place)."""
     return sf.DynamicSparsity(
         model,
         optimizer,
         density=density,
-        targets=e2enet_fusion_targets,
+        targets=targets,
         granularity=granularity,
         distribution=distribution,
     )
@@ -138,6 +141,11 @@ def compacted(
 ) -> nn.Module:
     masked = copy.deepcopy(dense)
     return compact_e2enet(masked, input_channel_masks(masked, density, None, distribution, granularity), fmt)
+
+
+def compacted_dense_ups(dense: nn.Module) -> nn.Module:
+    masked = copy.deepcopy(dense)
+    return compact_e2enet(masked, input_channel_masks(masked, ERK_DENSITY, targets=is_fusion_conv))
 
 
 def compacted_blocks(dense: nn.Module) -> dict[str, nn.Module]:
@@ -183,6 +191,9 @@ def compacted_gflops(patch: int) -> str:
         plan = e2enet_compaction_plan(masked, input_channel_masks(masked, density, distribution=distribution))
         name = ERK_NAME if distribution == "erk" else f"compacted {density}"
         parts.append(f"{name} {gflops('E2ENet', patch, plan):.0f} G")
+    masked = copy.deepcopy(dense)
+    sparsity = input_channel_masks(masked, ERK_DENSITY, targets=is_fusion_conv)
+    parts.append(f"{DENSE_UPS_NAME} {gflops('E2ENet', patch, e2enet_compaction_plan(masked, sparsity)):.0f} G")
     for name, distribution in BLOCKS.items():
         masked = copy.deepcopy(dense)
         sparsity = input_channel_masks(masked, ERK_DENSITY, None, distribution, "input_channel_blocks")
@@ -307,6 +318,7 @@ def inference_128(args) -> None:
     for density in DENSITIES:
         cases[(f"compacted {density}", "channels_last_3d")] = forward(compacted(dense_e2e, density), x)
     cases[(ERK_NAME, "channels_last_3d")] = forward(compacted(dense_e2e, ERK_DENSITY, distribution="erk"), x)
+    cases[(DENSE_UPS_NAME, "channels_last_3d")] = forward(compacted_dense_ups(dense_e2e), x)
     for name, model in compacted_blocks(dense_e2e).items():
         cases[(name, "channels_last_3d")] = forward(model, x)
     del dense_e2e
@@ -317,7 +329,7 @@ def inference_128(args) -> None:
         ("DynUNet", "contiguous"),
     )
     print(compacted_gflops(128))
-    for name in ("compacted 0.1", ERK_NAME, *BLOCKS):
+    for name in ("compacted 0.1", DENSE_UPS_NAME, ERK_NAME, *BLOCKS):
         ratio = times[(name, "channels_last_3d")] / times[("DynUNet", "contiguous")]
         print(
             f"  target: {name} >= 1.3x faster than DynUNet (<= 0.77x its time): {1 / ratio:.2f}x faster, "
