@@ -141,6 +141,24 @@ def test_resume_with_another_configuration_is_refused(dataset, finished_run, cap
     assert "another configuration: density saved 0.2 vs now 0.3" in capsys.readouterr().err
 
 
+def test_resume_ignores_settings_that_do_not_act_on_the_run(tmp_path):
+    """A dense run has no masks and a static one no topology updates: when a preset's default for those changes
+    (cpu-demo's update rules now follow the density), their runs still resume; a sparse dynamic run does not."""
+    path = tmp_path / "checkpoint_latest.pth"
+    sparse = {key: 0 for key in checkpoint.RESUME_KEYS} | {"density": 0.2, "static": False, "world_size": 1}
+    for saved_density, static, blocked in [(1.0, False, False), (0.1, True, False), (0.1, False, True)]:
+        saved = sparse | {"density": saved_density, "static": static, "drop_fraction": 0.2, "update_until": 0.75}
+        now = saved | {"drop_fraction": 0.5, "update_until": 1.0}
+        if blocked:
+            with pytest.raises(checkpoint.Problem, match="drop_fraction saved 0.2 vs now 0.5"):
+                checkpoint.check_resumable(saved, now, path)
+        else:
+            checkpoint.check_resumable(saved, now, path)
+    dense = sparse | {"density": 1.0}
+    with pytest.raises(checkpoint.Problem, match="density saved 1.0 vs now 0.2"):
+        checkpoint.check_resumable(dense, sparse, path)
+
+
 def test_runs_from_before_lr_and_network_arguments_were_recorded_load_as_they_were_trained(finished_run, tmp_path):
     """Until the cpu-demo preset changed, its runs used lr 0.01 and a shifted E2ENet, and their checkpoints and
     config.json recorded neither: loading them must say so, so that a resume, a new fold or predict.py sees what

@@ -44,6 +44,10 @@ RESUME_KEYS = (
     "batch_size",
     "world_size",
 )
+# Keys that change nothing for some runs, so a difference there must not block a resume: a dense run has no masks,
+# a static one no topology updates (and a preset's defaults for them may change between versions).
+MASK_KEYS = ("static", "granularity", "sparse_layers", "distribution")
+TOPOLOGY_UPDATE_KEYS = ("update_every", "grace_updates", "growth", "regrow_init", "drop_fraction", "update_until")
 # What a checkpoint written before a key was recorded ran with (network arguments: networks.py), filled in on load.
 UNRECORDED_DEFAULTS = {
     "lr": 0.01,
@@ -87,7 +91,12 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
             f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
             f"is restored; or use another --out to start a new run"
         )
-    different = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if saved.get(k) != config[k]}
+    inert = set()
+    if config["density"] >= 1.0:
+        inert = {*MASK_KEYS, *TOPOLOGY_UPDATE_KEYS}
+    elif config["static"]:
+        inert = set(TOPOLOGY_UPDATE_KEYS)
+    different = {k: (saved.get(k), config[k]) for k in RESUME_KEYS if k not in inert and saved.get(k) != config[k]}
     if different:
         raise Problem(
             f"{path} was written by another configuration: "
