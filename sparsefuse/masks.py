@@ -212,6 +212,8 @@ class InputChannelBlocks(Granularity):
 
     Args:
         blocks: output slices per layer, each with its own input-channel mask (default 4).
+        transposed: the weight is a ConvTranspose's, (in, out, *k); ``bind`` sets it from the module, so pass it
+            only to cut a bare weight shape.
     """
 
     def __init__(self, blocks: int = 4, transposed: bool = False):
