@@ -202,9 +202,10 @@ class InputChannelBlocks(Granularity):
     reads input channel c.
 
     Between :class:`InputChannel` (``blocks=1``: every output reads the same inputs) and :class:`Kernel`
-    (``blocks`` = the number of outputs). Compared with ``InputChannel`` at the same density, the layer as a whole
-    reads up to ``blocks`` times more distinct inputs, while each output still reads the same number; compaction
-    then removes the input channels no block reads.
+    (``blocks`` = the number of outputs). The layer's density is spread over all (block, input) groups, so a block
+    reads density x ``in`` inputs on average (some blocks more, some fewer, possibly none), as many as an
+    ``InputChannel`` mask reads for the whole layer; together the blocks read up to ``blocks`` times more distinct
+    inputs. Compaction removes the input channels no block reads.
 
     Shapes: group mask (blocks, in) for a Linear/Conv weight (out, in, *k) or a ConvTranspose weight
     (in, out, *k). Grouped convolutions are refused (use ``input_channel``), and ``blocks`` must divide the

@@ -230,14 +230,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=None,
         help="share of active kernels exchanged at the first update, decaying by a cosine to 0 (the paper's 0.5; "
-        "cpu-demo: 0.2)",
+        "cpu-demo below density 0.2: 0.2)",
     )
     p.add_argument(
         "--update-until",
         type=float,
         default=None,
         help="share of the run during which the topology may change; the cosine reaches 0 there and the mask is "
-        "fixed after it (RigL's t_end; the paper: 1.0, updates to the end; cpu-demo: 0.75)",
+        "fixed after it (RigL's t_end; the paper: 1.0, updates to the end; cpu-demo below density 0.2: 0.75)",
     )
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue from RUN_DIR/fold_F/checkpoint_latest.pth")
