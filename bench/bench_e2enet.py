@@ -8,8 +8,8 @@ Sections; within each, all cases run interleaved in one process on the same inpu
    assembled input, for fusion node x(0, 1) of the paper preset at 64^3;
 3. inference, paper presets, eval, no grad, batch 1, 1 x 64^3: DynUNet and dense E2ENet (contiguous and
    channels_last_3d), the compacted copies at density 1.0 (every channel kept: the lean dense path), 0.2 and 0.1,
-   0.1 with ERK layer densities in both formats, and 0.1 with input-channel masks per block of 4 outputs
-   ("blocks", uniform and ERK);
+   0.1 with ERK layer densities in both formats, and 0.1 with the transposed convs dense and with input-channel
+   masks per block of 4 outputs ("blocks", uniform and ERK);
 4. inference at 1 x 128^3: DynUNet against the compacted copies at 0.2 and 0.1, at 0.1 with the transposed convs
    dense, and at 0.1 with ERK layer densities and with per-block masks (few repeats: ~8 s a call);
 5. cpu-demo presets: inference at 1 x 32^3 in both memory formats, and one training step (forward, loss = sum
@@ -61,10 +61,13 @@ IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITIES = (0.2, 0.1)
 ERK_DENSITY = 0.1  # also timed with ERK layer densities, which keep more of the narrow full-resolution layers
 ERK_NAME = f"compacted {ERK_DENSITY} ERK"
-# Input-channel masks per block of 4 output channels (granularity "input_channel_blocks"), uniform and ERK.
-BLOCKS = {f"compacted {ERK_DENSITY} blocks": "uniform", f"compacted {ERK_DENSITY} blocks ERK": "erk"}
-# Input-channel masks on the fusion convs alone, the transposed convs dense (train.py --sparse-layers fusion-convs).
-DENSE_UPS_NAME = f"compacted {ERK_DENSITY}, dense ups"
+# More mask settings at ERK_DENSITY, name -> input_channel_masks options: the fusion convs alone with the transposed
+# convs dense (train.py --sparse-layers fusion-convs), and input channels per block of 4 outputs, uniform and ERK.
+MASK_SETTINGS = {
+    f"compacted {ERK_DENSITY}, dense ups": dict(targets=is_fusion_conv),
+    f"compacted {ERK_DENSITY} blocks": dict(granularity="input_channel_blocks"),
+    f"compacted {ERK_DENSITY} blocks ERK": dict(granularity="input_channel_blocks", distribution="erk"),
+}
 CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last_3d
 FORMAT_NAMES = {CONTIGUOUS: "contiguous", CHANNELS_LAST: "channels_last_3d"}
 # Kind of work of each operator called from Python (torch.profiler's top-level events).
@@ -132,28 +135,10 @@ def input_channel_masks(
     )
 
 
-def compacted(
-    dense: nn.Module,
-    density: float,
-    fmt: torch.memory_format = CHANNELS_LAST,
-    distribution: str = "uniform",
-    granularity: str = "input_channel",
-) -> nn.Module:
+def compacted(dense: nn.Module, density: float, fmt: torch.memory_format = CHANNELS_LAST, **options) -> nn.Module:
+    """``compact_e2enet`` of a copy of ``dense`` with random masks (``options``: see ``input_channel_masks``)."""
     masked = copy.deepcopy(dense)
-    return compact_e2enet(masked, input_channel_masks(masked, density, None, distribution, granularity), fmt)
-
-
-def compacted_dense_ups(dense: nn.Module) -> nn.Module:
-    masked = copy.deepcopy(dense)
-    return compact_e2enet(masked, input_channel_masks(masked, ERK_DENSITY, targets=is_fusion_conv))
-
-
-def compacted_blocks(dense: nn.Module) -> dict[str, nn.Module]:
-    """The compacted copies with per-block input-channel masks (the union of the blocks' reads is computed)."""
-    return {
-        name: compacted(dense, ERK_DENSITY, distribution=distribution, granularity="input_channel_blocks")
-        for name, distribution in BLOCKS.items()
-    }
+    return compact_e2enet(masked, input_channel_masks(masked, density, **options), fmt)
 
 
 def gflops(arch: str, patch: int, plan: dict | None = None) -> float:
@@ -191,12 +176,9 @@ def compacted_gflops(patch: int) -> str:
         plan = e2enet_compaction_plan(masked, input_channel_masks(masked, density, distribution=distribution))
         name = ERK_NAME if distribution == "erk" else f"compacted {density}"
         parts.append(f"{name} {gflops('E2ENet', patch, plan):.0f} G")
-    masked = copy.deepcopy(dense)
-    sparsity = input_channel_masks(masked, ERK_DENSITY, targets=is_fusion_conv)
-    parts.append(f"{DENSE_UPS_NAME} {gflops('E2ENet', patch, e2enet_compaction_plan(masked, sparsity)):.0f} G")
-    for name, distribution in BLOCKS.items():
+    for name, options in MASK_SETTINGS.items():
         masked = copy.deepcopy(dense)
-        sparsity = input_channel_masks(masked, ERK_DENSITY, None, distribution, "input_channel_blocks")
+        sparsity = input_channel_masks(masked, ERK_DENSITY, **options)
         parts.append(f"{name} {gflops('E2ENet', patch, e2enet_compaction_plan(masked, sparsity)):.0f} G")
     return (
         f"  conv cost (2 x MACs): DynUNet {gflops('DynUNet', patch):.0f} G, E2ENet dense "
@@ -298,8 +280,8 @@ def inference_64(args) -> None:
     for fmt in (CHANNELS_LAST, CONTIGUOUS):
         erk = compacted(dense_e2e, ERK_DENSITY, fmt, distribution="erk")
         cases[(ERK_NAME, FORMAT_NAMES[fmt])] = forward(erk, x)
-    for name, model in compacted_blocks(dense_e2e).items():
-        cases[(name, "channels_last_3d")] = forward(model, x)
+    for name, options in MASK_SETTINGS.items():
+        cases[(name, "channels_last_3d")] = forward(compacted(dense_e2e, ERK_DENSITY, **options), x)
     times = interleaved(cases, args.repeats_64, warmup=1)
     table(
         f"3. Inference, paper presets, 1 x {IN_CHANNELS} x 64^3, {NUM_CLASSES} classes, median of "
@@ -318,9 +300,8 @@ def inference_128(args) -> None:
     for density in DENSITIES:
         cases[(f"compacted {density}", "channels_last_3d")] = forward(compacted(dense_e2e, density), x)
     cases[(ERK_NAME, "channels_last_3d")] = forward(compacted(dense_e2e, ERK_DENSITY, distribution="erk"), x)
-    cases[(DENSE_UPS_NAME, "channels_last_3d")] = forward(compacted_dense_ups(dense_e2e), x)
-    for name, model in compacted_blocks(dense_e2e).items():
-        cases[(name, "channels_last_3d")] = forward(model, x)
+    for name, options in MASK_SETTINGS.items():
+        cases[(name, "channels_last_3d")] = forward(compacted(dense_e2e, ERK_DENSITY, **options), x)
     del dense_e2e
     times = interleaved(cases, args.repeats_128, warmup=1)
     table(
@@ -329,7 +310,7 @@ def inference_128(args) -> None:
         ("DynUNet", "contiguous"),
     )
     print(compacted_gflops(128))
-    for name in ("compacted 0.1", DENSE_UPS_NAME, ERK_NAME, *BLOCKS):
+    for name in ("compacted 0.1", ERK_NAME, *MASK_SETTINGS):
         ratio = times[(name, "channels_last_3d")] / times[("DynUNet", "contiguous")]
         print(
             f"  target: {name} >= 1.3x faster than DynUNet (<= 0.77x its time): {1 / ratio:.2f}x faster, "

@@ -198,8 +198,8 @@ class InputChannel(Granularity):
 
 class InputChannelBlocks(Granularity):
     """Input-channel masks per block of outputs: the outputs are cut into ``blocks`` equal, consecutive slices, and
-    each slice reads its own set of input channels. Group (b, c) holds every weight by which an output of block b
-    reads input channel c.
+    each slice reads its own set of input channels. A group is every weight by which the outputs of one block read
+    one input channel.
 
     Between :class:`InputChannel` (``blocks=1``: every output reads the same inputs) and :class:`Kernel`
     (``blocks`` = the number of outputs). The layer's density is spread over all (block, input) groups, so a block
@@ -207,20 +207,19 @@ class InputChannelBlocks(Granularity):
     ``InputChannel`` mask reads for the whole layer; together the blocks read up to ``blocks`` times more distinct
     inputs. Compaction removes the input channels no block reads.
 
-    Shapes: group mask (blocks, in) for a Linear/Conv weight (out, in, *k) or a ConvTranspose weight
-    (in, out, *k). Grouped convolutions are refused (use ``input_channel``), and ``blocks`` must divide the
-    number of outputs.
+    ``bind`` returns the :class:`Block` that cuts the layer this way: ``Block(out / blocks, 1)`` for a Linear/Conv
+    weight (out, in, *k), group mask (blocks, in); ``Block(1, out / blocks)`` for a ConvTranspose weight
+    (in, out, *k), group mask (in, blocks). Grouped convolutions are refused (use ``input_channel``), and
+    ``blocks`` must divide the number of outputs.
 
     Args:
         blocks: output slices per layer, each with its own input-channel mask (default 4).
-        transposed: the weight is a ConvTranspose's, (in, out, *k); ``bind`` sets it from the module, so pass it
-            only to cut a bare weight shape.
     """
 
-    def __init__(self, blocks: int = 4, transposed: bool = False):
+    def __init__(self, blocks: int = 4):
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
             raise ValueError(f"InputChannelBlocks(blocks=...) needs a positive int, got {blocks!r}")
-        self.blocks, self.transposed = blocks, transposed
+        self.blocks = blocks
 
     def bind(self, name, weight, module):
         _require_2d("input_channel_blocks", name, weight)
@@ -236,26 +235,16 @@ class InputChannelBlocks(Granularity):
                 f"{name!r} has {outputs} outputs, which {self.blocks} blocks do not divide; choose a number of "
                 f"blocks that divides every target's outputs, or leave {name!r} out of `targets`"
             )
-        return InputChannelBlocks(self.blocks, transposed)
+        per_block = outputs // self.blocks
+        return Block(1, per_block) if transposed else Block(per_block, 1)
 
-    def groups_shape(self, weight_shape):
-        return (self.blocks, weight_shape[0 if self.transposed else 1])
+    def _unbound(self, *args):
+        raise TypeError(f"{self!r} cuts a weight only once bound to its layer: call bind(name, weight, module)")
 
-    def expand(self, group_values, weight_shape):
-        outputs = weight_shape[1 if self.transposed else 0]
-        pairs = group_values.repeat_interleave(outputs // self.blocks, dim=0)  # (out, in)
-        if self.transposed:
-            pairs = pairs.t()
-        return pairs.reshape(*pairs.shape, *([1] * (len(weight_shape) - 2)))
-
-    def group_sum(self, values):
-        pairs = values.flatten(2).sum(2) if values.dim() > 2 else values
-        if self.transposed:
-            pairs = pairs.t()  # (out, in)
-        return pairs.reshape(self.blocks, pairs.shape[0] // self.blocks, pairs.shape[1]).sum(1)
+    groups_shape = expand = group_sum = _unbound
 
     def __repr__(self):
-        return f"InputChannelBlocks(blocks={self.blocks}, transposed={self.transposed})"
+        return f"InputChannelBlocks(blocks={self.blocks})"
 
 
 class Block(Granularity):

@@ -188,36 +188,32 @@ def test_named_and_refused():
 def test_input_channel_blocks_group_is_one_output_block_reading_one_input_channel(kind):
     torch.manual_seed(0)
     layer = make_layer(kind, 5, 6, 2)
+    transposed = kind == "convT3d"
     granularity = sf.masks.InputChannelBlocks(3).bind("weight", layer.weight, layer)
-    assert granularity.groups_shape(layer.weight.shape) == (3, 5)
-    for block, channel in [(0, 0), (1, 4), (2, 2)]:
-        group = torch.zeros(3, 5, dtype=torch.bool)
-        group[block, channel] = True
-        outputs = torch.zeros(6, dtype=torch.bool)
-        outputs[2 * block : 2 * block + 2] = True  # 6 outputs in 3 blocks of 2
-        expected = reads(layer, layer.weight.shape, channel)
-        expected &= (
-            outputs.view(1, -1, *[1] * (layer.weight.dim() - 2))
-            if kind == "convT3d"
-            else outputs.view(-1, *[1] * (layer.weight.dim() - 1))
-        )
-        assert torch.equal(granularity.to_weight(group, layer.weight.shape), expected)
-    scores = sf.scorers.L1()(layer.weight, None, granularity, torch.Generator())
+    groups = (5, 3) if transposed else (3, 5)  # the weight's own dim order: (in, out) for a transposed conv
+    assert granularity.groups_shape(layer.weight.shape) == groups
     magnitude = layer.weight.detach().abs()
-    brute = torch.zeros(3, 5)
+    scores = sf.scorers.L1()(layer.weight, None, granularity, torch.Generator())
     for block in range(3):
         for channel in range(5):
-            group = torch.zeros(3, 5, dtype=torch.bool)
-            group[block, channel] = True
-            brute[block, channel] = magnitude[granularity.to_weight(group, layer.weight.shape)].sum()
-    torch.testing.assert_close(scores, brute)
+            group = torch.zeros(groups, dtype=torch.bool)
+            group[(channel, block) if transposed else (block, channel)] = True
+            outputs = torch.zeros(6, dtype=torch.bool)
+            outputs[2 * block : 2 * block + 2] = True  # 6 outputs in 3 blocks of 2
+            spatial = [1] * (layer.weight.dim() - 2)
+            expected = reads(layer, layer.weight.shape, channel)
+            expected &= outputs.view(1, -1, *spatial) if transposed else outputs.view(-1, 1, *spatial)
+            assert torch.equal(granularity.to_weight(group, layer.weight.shape), expected)
+            torch.testing.assert_close(scores[group].sum(), magnitude[expected].sum())
 
 
 def test_input_channel_blocks_named_and_refused():
-    assert repr(sf.masks.get_granularity("input_channel_blocks")) == "InputChannelBlocks(blocks=4, transposed=False)"
+    assert repr(sf.masks.get_granularity("input_channel_blocks")) == "InputChannelBlocks(blocks=4)"
     with pytest.raises(ValueError, match="6 outputs, which 4 blocks do not divide"):
         sf.DynamicSparsity(nn.Conv3d(3, 6, 3), None, granularity="input_channel_blocks")
     with pytest.raises(ValueError, match="grouped conv 'weight'.*use granularity='input_channel'"):
         sf.DynamicSparsity(nn.Conv3d(4, 8, 3, groups=2), None, granularity="input_channel_blocks")
     with pytest.raises(ValueError, match="positive int"):
         sf.masks.InputChannelBlocks(0)
+    with pytest.raises(TypeError, match="bound to its layer"):
+        sf.masks.InputChannelBlocks(2).groups_shape((4, 3))
