@@ -62,10 +62,12 @@ DENSITIES = (0.2, 0.1)
 ERK_DENSITY = 0.1  # also timed with ERK layer densities, which keep more of the narrow full-resolution layers
 ERK_NAME = f"compacted {ERK_DENSITY} ERK"
 # More mask settings at ERK_DENSITY, name -> input_channel_masks options: the fusion convs alone with the transposed
-# convs dense (train.py --sparse-layers fusion-convs), and input channels per block of 4 outputs, uniform and ERK.
+# convs dense (train.py --sparse-layers fusion-convs), and input channels per block of 4 outputs: uniform, uniform
+# with the transposed convs dense, and ERK.
 MASK_SETTINGS = {
     f"compacted {ERK_DENSITY}, dense ups": dict(targets=is_fusion_conv),
     f"compacted {ERK_DENSITY} blocks": dict(granularity="input_channel_blocks"),
+    f"compacted {ERK_DENSITY} blocks, dense ups": dict(granularity="input_channel_blocks", targets=is_fusion_conv),
     f"compacted {ERK_DENSITY} blocks ERK": dict(granularity="input_channel_blocks", distribution="erk"),
 }
 CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last_3d

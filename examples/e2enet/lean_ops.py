@@ -31,6 +31,18 @@ def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     return x.contiguous(memory_format=memory_format)
 
 
+def _same_source_runs(runs: tuple[Run, ...]) -> list[tuple[Run, ...]]:
+    """``runs`` cut into stretches of consecutive runs from one part with one shift (they land side by side)."""
+    stretches: list[list[Run]] = []
+    for run in runs:
+        last = stretches[-1][-1] if stretches else None
+        if last and last[0] == run[0] and last[4] == run[4] and last[3] + last[2] == run[3]:
+            stretches[-1].append(run)
+        else:
+            stretches.append([run])
+    return [tuple(stretch) for stretch in stretches]
+
+
 def copy_runs(
     parts: list[Tensor | None],
     runs: tuple[Run, ...],
@@ -40,7 +52,11 @@ def copy_runs(
     memory_format: torch.memory_format,
 ) -> Tensor:
     """A new (B, channels, *S) tensor of channel runs of ``parts``, each shifted along ``dim`` (out[..., d] =
-    part[..., d - shift]); the ``|shift|`` slices a shift leaves uncovered are zero."""
+    part[..., d - shift]); the ``|shift|`` slices a shift leaves uncovered are zero.
+
+    In channels_last_3d, the scattered channels one part gives with one shift are gathered in one pass over the
+    part: one copy per channel would read the whole part once per channel (each voxel's channels share a cache
+    line), which measured 1.7-5x slower for 10-40 of 96 channels."""
     first = parts[runs[0][0]]
     out = torch.empty(
         (first.shape[0], channels, *first.shape[2:]),
@@ -49,13 +65,18 @@ def copy_runs(
         memory_format=memory_format,
     )
     length = out.shape[dim]
-    for part, src, count, dst, shift in runs:
-        source, target = parts[part].narrow(1, src, count), out.narrow(1, dst, count)
+    channels_last = memory_format == torch.channels_last_3d
+    for stretch in _same_source_runs(runs) if channels_last else [(run,) for run in runs]:
+        part, _, _, dst, shift = stretch[0]
+        count = sum(run[2] for run in stretch)
         step = min(abs(shift), length)
-        if shift >= 0:
-            target.narrow(dim, step, length - step).copy_(source.narrow(dim, 0, length - step))
+        source = parts[part].narrow(dim, 0 if shift >= 0 else step, length - step)
+        target = out.narrow(1, dst, count).narrow(dim, step if shift >= 0 else 0, length - step)
+        if len(stretch) == 1:
+            target.copy_(source.narrow(1, stretch[0][1], count))
         else:
-            target.narrow(dim, 0, length - step).copy_(source.narrow(dim, step, length - step))
+            index = torch.cat([torch.arange(src, src + n) for _, src, n, _, _ in stretch]).to(first.device)
+            target.copy_(source.movedim(1, -1)[..., index].movedim(-1, 1))
     for dst, count, shift in fills:
         step = min(abs(shift), length)
         out.narrow(1, dst, count).narrow(dim, 0 if shift > 0 else length - step, step).zero_()
