@@ -102,7 +102,9 @@ def _instance_norm(norm: nn.InstanceNorm3d, x: Tensor) -> Tensor:
     over D, H, W for the mean, then the centred squares summed in slabs along D, as accurate as torch's (the
     single-pass alternatives measured 20-400x larger errors).
     """
-    if norm.track_running_stats or x.numel() < IN_PLACE_NORM_MIN:
+    # A traced graph (torch.export, torch.compile, ONNX) gets torch's op: the compiler fuses the norm anyway, and the
+    # size test would tie the graph to one batch size.
+    if norm.track_running_stats or torch.compiler.is_compiling() or x.numel() < IN_PLACE_NORM_MIN:
         return norm(x)
     dims = (2, 3, 4)
     voxels = x.shape[2] * x.shape[3] * x.shape[4]
@@ -116,8 +118,7 @@ def _instance_norm(norm: nn.InstanceNorm3d, x: Tensor) -> Tensor:
     if norm.affine:
         shift = shift + norm.bias.view(1, -1, 1, 1, 1)
     shift, scale = shift.to(x.dtype), scale.to(x.dtype)  # statistics may be float32 under autocast
-    # Autograd cannot record out=, and dynamo refuses a channels_last one (the compiled graph fuses this anyway).
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled():  # autograd cannot record out=
         return torch.addcmul(shift, x, scale)
     return torch.addcmul(shift, x, scale, out=x)
 
