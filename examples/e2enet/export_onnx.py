@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from predict import file_sha256, load_folds
+from atomic import atomic_write
+from predict import file_sha256, folds_with_checkpoint, load_folds
 from problems import Problem, exit_on_problem
-from run_folder import load_run, trained_folds
+from run_folder import load_run
 
 # onnxruntime's logits against PyTorch's, relative to max(1, largest |logit|): float32 rounding of the same sums in
 # another order (the compacted model itself matches the masked one to 1e-5).
@@ -57,10 +57,9 @@ def export(model: torch.nn.Module, window: list[int], in_channels: int, metadata
     return program
 
 
-def check_against_torch(path: Path, model: torch.nn.Module, window: list[int], in_channels: int) -> float:
+def check_against_torch(graph: bytes, model: torch.nn.Module, window: list[int], in_channels: int) -> float:
     """Max |onnxruntime - PyTorch| over random batches (``CHECKED_BATCHES``), relative to max(1, largest logit)."""
-    onnxruntime = _onnx_modules()
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = _onnx_modules().InferenceSession(graph, providers=["CPUExecutionProvider"])
     error = 0.0
     for batch in CHECKED_BATCHES:
         x = torch.randn(batch, in_channels, *window, generator=torch.Generator().manual_seed(batch))
@@ -75,17 +74,17 @@ def choose_fold(run_dir: Path, fold: str | None, checkpoint: str) -> str:
     """The fold to export: ``fold`` (with or without its ``fold_`` prefix) if it has the checkpoint, else the
     run's only such fold; a Problem naming the trained folds otherwise."""
     load_run(run_dir)  # a Problem if run_dir is not a run folder
-    name = f"checkpoint_{checkpoint}.pth"
-    trained = [f.removeprefix("fold_") for f in trained_folds(run_dir) if (run_dir / f / name).is_file()]
-    if not trained:
-        raise Problem(f"no fold_*/{name} in {run_dir}; train first (train.py --out {run_dir})")
+    trained = folds_with_checkpoint(run_dir, checkpoint)
     if fold is None:
         if len(trained) > 1:
             raise Problem(f"{run_dir} has {len(trained)} trained folds ({', '.join(trained)}); choose one with --fold")
         return trained[0]
     fold = fold.removeprefix("fold_")
     if fold not in trained:
-        raise Problem(f"fold {fold} of {run_dir} has no {name}; trained folds: {', '.join(trained)} (pass --fold)")
+        raise Problem(
+            f"fold {fold} of {run_dir} has no checkpoint_{checkpoint}.pth; trained folds: {', '.join(trained)} "
+            "(pass --fold)"
+        )
     return fold
 
 
@@ -116,23 +115,16 @@ def main(argv=None) -> Path:
         "sparsefuse.compacted": str(compacted).lower(),
         "sparsefuse.checkpoint_sha256": file_sha256(paths[fold]),
     }
-    program = export(model, window, config["in_channels"], metadata)
+    graph = export(model, window, config["in_channels"], metadata).model_proto.SerializeToString()
+    error = check_against_torch(graph, model, window, config["in_channels"])
+    if not error <= TOLERANCE:
+        raise RuntimeError(
+            f"onnxruntime's logits differ from PyTorch's by {error:.2e} of the largest (tolerance {TOLERANCE}): "
+            "an exporter bug; try --no-compact, and please report it with the run's config.json"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    # Saved and checked beside the target, then renamed over it: a reader finds the old file or the new one.
-    candidate = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
-    try:
-        program.save(candidate, external_data=False)
-        error = check_against_torch(candidate, model, window, config["in_channels"])
-        if not error <= TOLERANCE:
-            raise RuntimeError(
-                f"onnxruntime's logits differ from PyTorch's by {error:.2e} of the largest (tolerance {TOLERANCE}): "
-                "an exporter bug; try --no-compact, and please report it with the run's config.json"
-            )
-        with open(candidate, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(candidate, args.output)
-    finally:
-        candidate.unlink(missing_ok=True)
+    with atomic_write(args.output) as f:
+        f.write(graph)
     print(
         f"wrote {args.output}: {'compacted ' if compacted else ''}{config['arch']} fold {fold}, input "
         f"({INPUT_AXES}) = (B, {config['in_channels']}, {', '.join(map(str, window))}); onnxruntime matches "

@@ -75,6 +75,15 @@ def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
     return {case: [channels[i] for i in range(num_channels)] for case, channels in cases.items()}
 
 
+def folds_with_checkpoint(run_dir: Path, checkpoint: str) -> list[str]:
+    """The folds of a run (``fold_`` prefix dropped) holding ``checkpoint_{checkpoint}.pth``; a Problem if none."""
+    name = f"checkpoint_{checkpoint}.pth"
+    folds = [f.removeprefix("fold_") for f in trained_folds(run_dir) if (run_dir / f / name).is_file()]
+    if not folds:
+        raise Problem(f"no fold_*/{name} in {run_dir}; train first (train.py --out {run_dir})")
+    return folds
+
+
 def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: torch.device, compact: bool = True):
     """The run's networks, one per fold, after checking every fold's checkpoint against the run.
 
@@ -85,9 +94,7 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
     """
     plans, config = load_run(run_dir)
     name = f"checkpoint_{checkpoint}.pth"
-    folds = folds or [f.removeprefix("fold_") for f in trained_folds(run_dir) if (run_dir / f / name).is_file()]
-    if not folds:
-        raise Problem(f"no fold_*/{name} in {run_dir}; train first (train.py --out {run_dir})")
+    folds = folds or folds_with_checkpoint(run_dir, checkpoint)
     paths = {fold: run_dir / f"fold_{fold}" / name for fold in folds}
     problems, states = [], {}
     for fold, path in paths.items():
