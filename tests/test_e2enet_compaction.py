@@ -68,6 +68,7 @@ def e2enet_settings(draw):
         min_shift_group_channels=draw(st.sampled_from([1, 4])),
         stem=draw(st.sampled_from(["shift", "plain", "full"])),
         head_bias=draw(st.booleans()),
+        downsampling=draw(st.sampled_from(["unit", "shift", "full"])),
     )
     stride = [2**num_pools // (2 if first[0] == 1 and axis == 0 else 1) for axis in range(3)]
     patch = [s * draw(st.integers(2, max(2, 32 // s))) for s in stride]

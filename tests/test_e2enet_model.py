@@ -286,6 +286,30 @@ def test_stem_options_choose_the_conv_that_reads_the_image():
         build_e2enet("cpu-demo", in_channels=1, num_classes=2, stem="wide")
 
 
+def test_downsampling_options_choose_the_strided_encoder_convs():
+    def strided(model):
+        return [level[0].conv for level in model.encoder[1:]]
+
+    with torch.device("meta"):
+        unit = build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="unit")
+        full = build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="full")
+        shift = build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="shift")
+    # Without the shift a (1, 3, 3) kernel with stride 2 along depth reads only the even slices.
+    assert all(type(c) is nn.Conv3d and c.kernel_size == (1, 3, 3) and c.stride == (2, 2, 2) for c in strided(unit))
+    assert all(type(c) is nn.Conv3d and c.kernel_size == (3, 3, 3) and c.padding == (1, 1, 1) for c in strided(full))
+    assert all(isinstance(c, sf.nn.DepthShiftConv3d) and c.shift_groups == 3 for c in strided(shift))
+    # The option touches the strided convs alone: every other conv is the same in all three.
+    for model in (full, shift):
+        others = [
+            m.conv
+            for n, m in model.named_modules()
+            if isinstance(m, ConvUnit) and n != "encoder.0.0" and m.conv.stride == (1, 1, 1)
+        ]
+        assert others and all(type(c) is nn.Conv3d and c.kernel_size == (1, 3, 3) for c in others)
+    with pytest.raises(ValueError, match="downsampling must be one of"):
+        build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="pool")
+
+
 def test_init_kaiming_normal_and_zero_biases():
     torch.manual_seed(0)
     model = build_e2enet("cpu-demo", in_channels=1, num_classes=2)

@@ -61,6 +61,7 @@ __all__ = [
 
 Stride = tuple[int, int, int]
 STEMS = ("shift", "plain", "full")
+DOWNSAMPLINGS = ("unit", "shift", "full")
 
 # Keyword arguments of E2ENet per preset. "paper" is the authors' network as trained for AMOS/BTCV/BraTS (5
 # isotropic (2,2,2) pools, 48 -> 320 channels). "cpu-demo" keeps the topology (dense fusion, transposed convs, deep
@@ -223,6 +224,11 @@ class E2ENet(nn.Module):
             ``in_channels x c_0 x 27`` weights (216 for one channel at width 8).
         head_bias: a bias in the 1x1x1 output convs (the authors', like nnU-Net's, have none;
             MONAI's DynUNet has one).
+        downsampling: the strided first unit of each encoder level below the first. ``"unit"``
+            (the authors'): a unit like every other. Without the shift its (1, 3, 3) kernel
+            with stride 2 along depth reads every other slice only, so the deeper encoder
+            levels see an aliased subsample of the depth axis. ``"full"``: a 3x3x3 kernel, which
+            reads every slice; ``"shift"``: a shift conv there even where the shift is off.
 
     Shape:
         input (B, in_channels, D, H, W), each of D, H, W divisible by
@@ -251,6 +257,7 @@ class E2ENet(nn.Module):
         deep_supervision: bool = True,
         stem: str = "shift",
         head_bias: bool = False,
+        downsampling: str = "unit",
     ) -> None:
         super().__init__()
         positive_int("in_channels", in_channels)
@@ -273,6 +280,11 @@ class E2ENet(nn.Module):
         positive_int("min_shift_group_channels", min_shift_group_channels)
         if shift_dim not in (2, 3, 4):
             raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
+        if downsampling not in DOWNSAMPLINGS:
+            raise ValueError(
+                f"downsampling must be one of {DOWNSAMPLINGS} (the strided first unit of each encoder level), "
+                f"got {downsampling!r}"
+            )
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS} (the conv that reads the image), got {stem!r}")
 
@@ -284,6 +296,11 @@ class E2ENet(nn.Module):
         c = self.channels
         unit = dict(shift_groups=shift_groups, shift_dim=shift_dim, min_shift_group_channels=min_shift_group_channels)
         stem_unit = {**unit, "shift_groups": 1 if stem == "plain" else shift_groups, "full_kernel": stem == "full"}
+        strided_unit = {
+            **unit,
+            "shift_groups": 3 if downsampling == "shift" and shift_groups == 1 else shift_groups,
+            "full_kernel": downsampling == "full",
+        }
 
         self.encoder = nn.ModuleList(
             nn.Sequential(
@@ -292,7 +309,7 @@ class E2ENet(nn.Module):
                         (in_channels if level == 0 else c[level - 1]) if u == 0 else c[level],
                         c[level],
                         stride=self.strides[level - 1] if (u == 0 and level > 0) else (1, 1, 1),
-                        **(stem_unit if level == 0 and u == 0 else unit),
+                        **(stem_unit if level == 0 and u == 0 else strided_unit if u == 0 else unit),
                     )
                     for u in range(encoder_units)
                 )
