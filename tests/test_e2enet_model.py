@@ -241,10 +241,12 @@ def test_shift_options():
         return [m for n, m in model.named_modules() if isinstance(m, nn.Conv3d) and not n.startswith("heads")]
 
     with torch.device("meta"):
-        # stem="shift": every conv a shift conv, as the authors build it (cpu-demo: a 3x3x3 stem and no shift)
-        plain = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=False, stem="shift")
-        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, shift_groups=5, stem="shift")
-        height = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, shift_dim=3, stem="shift")
+        # stem="shift", downsampling="unit": every conv a shift conv, as the authors build it (cpu-demo: 3x3x3
+        # stem and strided convs, no shift)
+        authors = dict(stem="shift", downsampling="unit")
+        plain = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=False, **authors)
+        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, shift_groups=5, **authors)
+        height = build_e2enet("cpu-demo", in_channels=1, num_classes=2, shift=True, shift_dim=3, **authors)
     assert all(type(m) is nn.Conv3d and m.kernel_size == (1, 3, 3) for m in convs(plain))
     assert all(isinstance(m, sf.nn.DepthShiftConv3d) and m.shift_groups == 5 for m in convs(five))
     assert all(m.kernel_size == (3, 1, 3) and m.padding == (1, 0, 1) and m.shift_dim == 3 for m in convs(height))
@@ -314,9 +316,9 @@ def test_init_kaiming_normal_and_zero_biases():
     torch.manual_seed(0)
     model = build_e2enet("cpu-demo", in_channels=1, num_classes=2)
     gain = math.sqrt(2.0 / (1 + 0.01**2))
-    conv = model.encoder[3][1].conv  # 96 -> 96, fan-in 96 * 9
-    assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(96 * 9), rel=0.05)
-    up = model.fusion["2_1"].up  # ConvTranspose3d 96 -> 48: torch's fan-in is weight dim 1 x 8 = 384
+    conv = model.encoder[3][1].conv  # 64 -> 64, fan-in 64 * 9
+    assert conv.weight.std().item() == pytest.approx(gain / math.sqrt(64 * 9), rel=0.05)
+    up = model.fusion["2_1"].up  # ConvTranspose3d 64 -> 48: torch's fan-in is weight dim 1 x 8 = 384
     assert up.weight.std().item() == pytest.approx(gain / math.sqrt(48 * 8), rel=0.05)
     assert all(m.bias is None or not m.bias.any() for m in model.modules() if isinstance(m, nn.Conv3d))
 

@@ -186,6 +186,7 @@ def test_runs_from_before_lr_and_network_arguments_were_recorded_load_as_they_we
     arguments = run_folder.read_config(old_run)["model_arguments"]
     rebuilt = networks.build_model("e2enet", "cpu-demo", in_channels=1, num_classes=4, **arguments)
     assert isinstance(rebuilt.encoder[1][0].conv, sf.nn.DepthShiftConv3d)
+    assert rebuilt.channels == (12, 24, 48, 96)  # the widths of that time, not today's
 
 
 def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path, capsys):

@@ -32,7 +32,7 @@ def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, *
 
 # Preset arguments that changed after runs were trained with them: a run config without "model_arguments" (written
 # before they were recorded) was built with these over today's preset.
-UNRECORDED_PRESET_ARGUMENTS = {("e2enet", "cpu-demo"): {"shift": True}}
+UNRECORDED_PRESET_ARGUMENTS = {("e2enet", "cpu-demo"): {"shift": True, "max_channels": 96, "downsampling": "unit"}}
 
 
 def model_arguments(arch: str, preset: str, options: dict) -> dict:
