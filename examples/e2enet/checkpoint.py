@@ -101,7 +101,9 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
         raise Problem(
             f"{path} was written by another configuration: "
             + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in different.items())
-            + "; rerun with the saved settings, or use another --out to start a new run"
+            + f"; rerun with the saved settings, use another --out to start a new run, or delete {path.parent.parent} "
+            "to replace that run (demo.py and compare.py rerun it from scratch then; a preset that changed since "
+            "the run was trained is such a case)"
         )
 
 
