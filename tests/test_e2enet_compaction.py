@@ -70,6 +70,9 @@ def e2enet_settings(draw):
         head_bias=draw(st.booleans()),
         downsampling=draw(st.sampled_from(["unit", "shift", "full"])),
     )
+    if options["downsampling"] == "shift":
+        # Shifted strided convs in a network otherwise unshifted (with the shift on, "shift" is "unit").
+        options.update(shift=False, shift_groups=draw(st.sampled_from([3, 5])))
     stride = [2**num_pools // (2 if first[0] == 1 and axis == 0 else 1) for axis in range(3)]
     patch = [s * draw(st.integers(2, max(2, 32 // s))) for s in stride]
     return options, patch

@@ -308,8 +308,13 @@ def test_downsampling_options_choose_the_strided_encoder_convs():
             if isinstance(m, ConvUnit) and n != "encoder.0.0" and m.conv.stride == (1, 1, 1)
         ]
         assert others and all(type(c) is nn.Conv3d and c.kernel_size == (1, 3, 3) for c in others)
+    with torch.device("meta"):
+        five = build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="shift", shift_groups=5)
+    assert all(c.shift_groups == 5 for c in strided(five))  # the groups asked for, though the shift is off
     with pytest.raises(ValueError, match="downsampling must be one of"):
         build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="pool")
+    with pytest.raises(ValueError, match="needs shift_groups > 1"):
+        build_e2enet("cpu-demo", in_channels=1, num_classes=2, downsampling="shift", shift_groups=1)
 
 
 def test_init_kaiming_normal_and_zero_biases():

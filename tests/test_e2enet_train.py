@@ -138,7 +138,9 @@ def test_resume_with_another_configuration_is_refused(dataset, finished_run, cap
     with pytest.raises(SystemExit) as refused:
         train.main(run_args(dataset, out, "--resume", density=0.3))
     assert refused.value.code == 2
-    assert "another configuration: density saved 0.2 vs now 0.3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another configuration: density saved 0.2 vs now 0.3" in err
+    assert f"or delete {out} to replace that run" in err  # the way out where --out cannot be passed (demo.py)
 
 
 def test_resume_ignores_settings_that_do_not_act_on_the_run(tmp_path):

@@ -275,9 +275,12 @@ class E2ENet(nn.Module):
         if len(strides) != num_pools:
             raise ValueError(f"strides must have num_pools={num_pools} entries, got {len(strides)}: {strides!r}")
         self.strides: tuple[Stride, ...] = tuple(_as_stride(s, k) for k, s in enumerate(strides))
+        positive_int("shift_groups", shift_groups)
+        if downsampling == "shift" and shift_groups == 1:
+            raise ValueError('downsampling="shift" needs shift_groups > 1 (the groups its strided convs shift)')
+        strided_shift_groups = shift_groups  # downsampling="shift" shifts the strided convs even without the shift
         if not shift:
             shift_groups = 1
-        positive_int("shift_groups", shift_groups)
         positive_int("min_shift_group_channels", min_shift_group_channels)
         if shift_dim not in (2, 3, 4):
             raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
@@ -299,7 +302,7 @@ class E2ENet(nn.Module):
         stem_unit = {**unit, "shift_groups": 1 if stem == "plain" else shift_groups, "full_kernel": stem == "full"}
         strided_unit = {
             **unit,
-            "shift_groups": 3 if downsampling == "shift" and shift_groups == 1 else shift_groups,
+            "shift_groups": strided_shift_groups if downsampling == "shift" else shift_groups,
             "full_kernel": downsampling == "full",
         }
 
