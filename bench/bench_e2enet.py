@@ -36,26 +36,22 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import io  # noqa: E402
-import sys  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import copy
+import io
+from collections import defaultdict
 
-import torch  # noqa: E402
-from common import interleaved, machine  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from common import interleaved, machine
+from torch import nn
 
-import sparsefuse as sf  # noqa: E402
-from sparsefuse.compact import sparse_state_dict  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "e2enet"))
-from compaction import channel_assembly, compact_e2enet, e2enet_compaction_plan  # noqa: E402
-from dynunet import build_dynunet  # noqa: E402
-from lean_ops import copy_runs  # noqa: E402
-from model import build_e2enet, e2enet_fusion_targets, is_fusion_conv  # noqa: E402
-from networks import output_list  # noqa: E402
+import sparsefuse as sf
+from e2enet.inference.compact_ops import copy_runs
+from e2enet.inference.compaction import channel_assembly, compact_e2enet, e2enet_compaction_plan
+from e2enet.nets.dynunet import build_dynunet
+from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets, is_fusion_conv
+from e2enet.nets.registry import output_list
+from sparsefuse.compact import sparse_state_dict
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITIES = (0.2, 0.1)

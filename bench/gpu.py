@@ -31,8 +31,9 @@ environment variable OUT is set.
 
 DynUNet needs MONAI. On a machine where it is not installed and cannot be, put it in ``.gpu_deps`` at the
 repository root (e.g. ``pip install --no-deps --target .gpu_deps monai``, or a copy of a virtual environment's
-``monai`` folder) and keep that folder out of git; this script adds it to ``sys.path``. Without it the DynUNet rows
-say "unavailable".
+``monai`` folder), keep that folder out of git and put it on ``PYTHONPATH`` with the checkout when the project is not
+installed (``PYTHONPATH=.:examples:.gpu_deps python bench/gpu.py``; bench/gpu_check.sh does). Without it the DynUNet
+rows say "unavailable".
 """
 
 from __future__ import annotations
@@ -43,23 +44,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for extra in (REPO / ".gpu_deps", REPO, REPO / "examples" / "e2enet"):  # MONAI if put there, sparsefuse, the example
-    if extra.is_dir():
-        sys.path.insert(0, str(extra))
+import torch
 
-import torch  # noqa: E402
-from compaction import compact_e2enet  # noqa: E402
-from dynunet import build_dynunet  # noqa: E402
-from model import build_e2enet, e2enet_fusion_targets  # noqa: E402
-from networks import output_list  # noqa: E402
-
-import sparsefuse as sf  # noqa: E402
+import sparsefuse as sf
+from e2enet.inference.compaction import compact_e2enet
+from e2enet.nets.dynunet import build_dynunet
+from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets
+from e2enet.nets.registry import output_list
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITY = 0.2

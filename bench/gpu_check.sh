@@ -14,7 +14,8 @@ PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # sparsefuse from this checkout, installed or not
+# sparsefuse and the e2enet package from this checkout, installed or not; MONAI from .gpu_deps if put there
+export PYTHONPATH="$PWD:$PWD/examples:$PWD/.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 
 step() { echo; echo "== $* ($(date +%T))"; }

@@ -1,73 +1,11 @@
-"""The E2ENet demo, end to end on the embedded MNI data: prepare, train, predict, evaluate, account.
+"""The E2ENet demo end to end on the embedded MNI data.
 
-    python examples/e2enet/demo.py [--workdir runs/demo] [--density 0.2] [--epochs E] [--iters-per-epoch N]
+The command line lives in :mod:`e2enet.experiments.demo`; ``--help`` lists its flags."""
 
-Builds the MNI152 tissue dataset (nilearn's template, no download), trains three networks under the same budget
-and train.py's ``cpu-demo`` recipe: E2ENet dense, E2ENet with dynamic sparse feature fusion at ``--density``, and
-nnU-Net's DynUNet (the baseline); segments the held-out test cases, scores them and prints one table: Dice per
-class and mDice, Params and FLOPs (the paper's eq. 4-5, and true MACs), the PT score (eq. 7, references over the
-rows), seconds per training iteration and inference seconds per case; and draws the learning curves to
-``WORKDIR/learning_curves.png``. Each step prints the equivalent command line. Rerunning continues finished or
-interrupted runs (``--resume``). One seed: for mean ± std over seeds run compare.py.
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-import prepare_mni
 import torch
-from compare import SETTINGS, add_pt_scores, folder_name, format_rows, run_setting, summarise
-from plots import plot_learning_curves
 
-
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--epochs", type=int, default=None, help="default: the cpu-demo preset's")
-    p.add_argument("--iters-per-epoch", type=int, default=None, help="default: the cpu-demo preset's")
-    p.add_argument("--density", type=float, default=0.2)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
-    dataset = args.workdir / "raw" / "Dataset990_MNITissue"
-    if not (dataset / "dataset.json").is_file():
-        print(f"$ python {Path(prepare_mni.__file__)} --out {dataset.parent}")
-        dataset = prepare_mni.build_mni_dataset(dataset.parent)
-    settings = [
-        ("E2ENet dense", SETTINGS["E2ENet dense"]),
-        (f"E2ENet DSFF {args.density}", ["--density", str(args.density)]),
-        ("DynUNet (nnU-Net)", SETTINGS["DynUNet (nnU-Net)"]),
-    ]
-    rows = []
-    for name, flags in settings:
-        run = run_setting(
-            name,
-            flags,
-            dataset,
-            args.workdir / folder_name(name),
-            preset="cpu-demo",
-            epochs=args.epochs,
-            iters_per_epoch=args.iters_per_epoch,
-            progress=not args.no_progress,
-        )
-        rows.append(summarise([run]))
-    add_pt_scores(rows)
-    plot_learning_curves(rows, args.workdir / "learning_curves.png")
-    patch = "x".join(map(str, rows[0]["patch"]))
-    print(
-        f"\nE2ENet demo: Dice on the held-out test cases, {rows[0]['iterations']} iterations per model, one seed; "
-        f"FLOPs per {patch} patch; PT = eq. 7 with references over these rows\n"
-    )
-    print(format_rows(rows))
-    never = {r["name"]: r["classes_never_learnt"] for r in rows if r["classes_never_learnt"]}
-    if never:
-        print(f"\nclasses below Dice 0.05: {never}")
-    print(f"\nlearning curves: {args.workdir / 'learning_curves.png'}")
-    return rows
-
+from e2enet.experiments.demo import main
 
 if __name__ == "__main__":
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # two runs share 2 cores
     main()

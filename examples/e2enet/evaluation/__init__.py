@@ -1,0 +1,1 @@
+"""Evaluation: per-case segmentation metrics and the scoring of prediction folders."""

@@ -1,0 +1,281 @@
+"""Segment NIfTI images with trained E2ENet folds: sliding window, optional mirror TTA, fold ensemble.
+
+    python examples/e2enet/predict.py --model RUN_DIR --input FOLDER --output FOLDER [--folds 0 1 2 3 4] [--tta]
+        [--save-probabilities] [--overwrite] [--checkpoint final|latest]
+
+Input files follow the nnU-Net naming ``{case}_{XXXX}.nii.gz`` (one file per channel). Each case is preprocessed
+with the run's plans (crop, normalise, resample), predicted with a sliding window (window = training patch,
+50% overlap, Gaussian weighting with sigma = patch / 8, MONAI), optionally averaged over the 8 mirrorings, softmax
+averaged over the folds, resampled back and written as ``{case}.nii.gz`` with the input's affine and shape.
+
+Every fold's checkpoint is checked against the run (network, classes, channels, preprocessing, patch) before
+anything is predicted. Outputs are written atomically, and ``FOLDER/predict_manifest.json`` records what made them
+(checkpoint and plans hashes, folds, TTA) and, per case, the hashes of its inputs and outputs. A case counts as
+done only when its recorded output is there, intact, from the same inputs, model and settings (with
+``--save-probabilities``: its probabilities too); otherwise it is predicted again and the reason printed. A folder
+holding predictions of other settings, or unrecorded ones, is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from tqdm import tqdm
+
+from e2enet.atomic import atomic_write, write_json
+from e2enet.dataset.layout import CHANNEL_FILE, problem_list, save_nifti
+from e2enet.inference.compaction import compact_e2enet
+from e2enet.nets.registry import build_model, inference_memory_format
+from e2enet.preprocessing.planning import PLANS_FILE
+from e2enet.preprocessing.preprocess import preprocess_case, revert_preprocessing
+from e2enet.problems import Problem, exit_on_problem
+from e2enet.training.checkpoint import load_checkpoint
+from e2enet.training.loader import to_network_layout
+from e2enet.training.run_folder import CONFIG_FILE, fold_problems, load_run, trained_folds
+
+MANIFEST_FILE = "predict_manifest.json"
+# Runs whose masks kill whole input channels: compacted at inference (measured faster than masked at the paper
+# preset, docs/compaction.md). Kernel-level masks leave almost no channel dead.
+COMPACTED_GRANULARITIES = ("input_channel", "input_channel_blocks")
+# What must be equal for a recorded prediction to count as this model's with these settings.
+COMPARED_SETTINGS = ("plans_sha256", "checkpoint", "folds", "tta")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
+    """{case: [channel files in order]}; stops on a case with missing or extra channels."""
+    if not folder.is_dir():
+        raise Problem(f"input folder {folder} does not exist; pass the folder holding the CASE_XXXX.nii.gz images")
+    cases: dict[str, dict[int, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        match = CHANNEL_FILE.match(path.name)
+        if match:
+            cases.setdefault(match["case"], {})[int(match["channel"])] = path
+    if not cases:
+        raise Problem(
+            f"no images named CASE_XXXX.nii.gz in {folder}; name each channel file "
+            f"{{case}}_0000.nii.gz, {{case}}_0001.nii.gz, ... as nnU-Net does"
+        )
+    for case, channels in cases.items():
+        if sorted(channels) != list(range(num_channels)):
+            raise Problem(
+                f"case {case!r} has channel files {sorted(channels)} but the model was trained on "
+                f"{num_channels} channel(s) 0..{num_channels - 1}; add or remove {case}_XXXX files"
+            )
+    return {case: [channels[i] for i in range(num_channels)] for case, channels in cases.items()}
+
+
+def folds_with_checkpoint(run_dir: Path, checkpoint: str) -> list[str]:
+    """The folds of a run (``fold_`` prefix dropped) holding ``checkpoint_{checkpoint}.pth``; a Problem if none."""
+    name = f"checkpoint_{checkpoint}.pth"
+    folds = [f.removeprefix("fold_") for f in trained_folds(run_dir) if (run_dir / f / name).is_file()]
+    if not folds:
+        raise Problem(f"no fold_*/{name} in {run_dir}; train first (train.py --out {run_dir})")
+    return folds
+
+
+def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: torch.device, compact: bool = True):
+    """The run's networks, one per fold, after checking every fold's checkpoint against the run.
+
+    An input-channel-sparse E2ENet fold (``input_channel`` or ``input_channel_blocks``) is compacted
+    (``compaction.compact_e2enet``) unless ``compact`` is False: its dead channels are not computed, to the same
+    outputs within float rounding. Its zero weights are its masks, so the checkpoint alone defines the compacted
+    network.
+    """
+    plans, config = load_run(run_dir)
+    name = f"checkpoint_{checkpoint}.pth"
+    folds = folds or folds_with_checkpoint(run_dir, checkpoint)
+    paths = {fold: run_dir / f"fold_{fold}" / name for fold in folds}
+    problems, states = [], {}
+    for fold, path in paths.items():
+        if not path.is_file():
+            problems.append(f"fold {fold}: {path} not found; train it or leave it out of --folds")
+            continue
+        try:
+            states[fold] = load_checkpoint(path)
+        except Problem as problem:
+            problems.append(str(problem))
+            continue
+        problems += fold_problems(path, states[fold]["config"], plans, config)
+    if problems:
+        raise Problem(
+            problems[0] if len(problems) == 1 else f"cannot predict with {run_dir}:\n{problem_list(problems)}"
+        )
+    models = []
+    for fold, state in states.items():
+        model = build_model(
+            config["arch"],
+            config["preset"],
+            in_channels=config["in_channels"],
+            num_classes=config["num_classes"],
+            **config["model_arguments"],
+        )
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise Problem(
+                f"{paths[fold]} does not fit the network described by {run_dir / CONFIG_FILE} "
+                f"({str(error).splitlines()[0]}); train the fold again in this run"
+            ) from error
+        # Measured per network and preset; compacted E2ENets were fastest in the same layouts as the masked ones.
+        layout = inference_memory_format(config["arch"], config["preset"], device)
+        if compact and config["granularity"] in COMPACTED_GRANULARITIES and state.get("sparsity") is not None:
+            models.append(compact_e2enet(model.eval(), None, layout).to(device))
+            continue
+        models.append(model.to(device, memory_format=layout).eval())
+    return models, plans, config, paths
+
+
+@torch.no_grad()
+def predict_probabilities(models, image: torch.Tensor, patch: list[int], tta: bool) -> torch.Tensor:
+    """(1, C, X, Y, Z) normalised image -> (K, X, Y, Z) softmax, averaged over folds and mirrorings."""
+    x = to_network_layout(image)
+    roi = list(reversed(patch))  # the plans' patch is (X, Y, Z); the network sees (Z, Y, X)
+    flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if tta else [])
+    total = None
+    for model in models:
+        for axes in flips:
+            flipped = x.flip(axes) if axes else x
+            logits = sliding_window_inference(
+                flipped, roi_size=roi, sw_batch_size=1, predictor=model, overlap=0.5, mode="gaussian", sigma_scale=0.125
+            )
+            probs = torch.softmax(logits.float(), 1)
+            probs = probs.flip(axes) if axes else probs
+            total = probs if total is None else total + probs
+    return to_network_layout(total / (len(models) * len(flips)))[0]
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+def prediction_settings(run_dir: Path, paths: dict[str, Path], checkpoint: str, tta: bool) -> dict:
+    """What makes a prediction this model's: the run's plans, each fold's checkpoint (by hash), TTA."""
+    return {
+        "model": str(run_dir.resolve()),  # for the reader; the hashes decide
+        "plans_sha256": file_sha256(run_dir / PLANS_FILE),
+        "checkpoint": checkpoint,
+        "folds": {fold: file_sha256(path) for fold, path in paths.items()},
+        "tta": tta,
+    }
+
+
+def describe_change(key: str, saved, now) -> str:
+    if key == "folds":
+        saved = saved or {}
+        changed = sorted(fold for fold in {**saved, **now} if saved.get(fold) != now.get(fold))
+        return f"the checkpoints of fold(s) {', '.join(changed)} are not the recorded ones"
+    return f"{key} saved {saved!r} vs now {now!r}"
+
+
+def open_manifest(output: Path, settings: dict, case_ids, overwrite: bool) -> dict:
+    """The manifest to continue: the folder's own if it records these settings, else a new one (or a refusal)."""
+    path, fresh = output / MANIFEST_FILE, {"settings": settings, "cases": {}}
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if not overwrite:
+            raise Problem(f"{path} is damaged ({error}); pass --overwrite to predict every case again") from error
+        return fresh
+    if recorded is None:
+        unrecorded = [case for case in case_ids if (output / f"{case}.nii.gz").exists()]
+        if unrecorded and not overwrite:
+            raise Problem(
+                f"{output} already holds segmentations of {len(unrecorded)} of these cases (e.g. {unrecorded[0]}) "
+                f"but no {MANIFEST_FILE} saying which model made them; use another --output, or --overwrite to "
+                "replace them"
+            )
+        return fresh
+    saved = recorded["settings"]
+    different = [key for key in COMPARED_SETTINGS if saved.get(key) != settings[key]]
+    if not different:
+        return recorded
+    changes = "; ".join(describe_change(key, saved.get(key), settings[key]) for key in different)
+    if not overwrite:
+        raise Problem(
+            f"{output} holds predictions made with other settings ({changes}); use another --output, or "
+            "--overwrite to replace them"
+        )
+    print(f"replacing the predictions in {output}, made with other settings ({changes})")
+    return fresh
+
+
+def redo_reason(entry: dict | None, inputs: dict, target: Path, npz: Path, probabilities: bool) -> str | None:
+    """None when the case is done; else why it is predicted (again): "" for a case never predicted."""
+    if entry is None:
+        return "its output was never recorded as complete (a run killed while writing it?)" if target.exists() else ""
+    if entry["inputs"] != inputs:
+        return "its input images changed"
+    if not target.is_file() or file_sha256(target) != entry["segmentation"]:
+        return "its segmentation is missing or not the one recorded (truncated or edited)"
+    if probabilities and (not npz.is_file() or file_sha256(npz) != entry["probabilities"]):
+        return "its probabilities were not saved, or not these"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- main
+@exit_on_problem()  # a problem with the run, the inputs or the output folder: one line, exit status 2
+def main(argv=None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, required=True, help="RUN_DIR given to train.py --out")
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
+    p.add_argument("--checkpoint", choices=["final", "latest"], default="final")
+    p.add_argument("--tta", action="store_true", help="average over the 8 mirrorings (8x slower)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz with the softmax")
+    p.add_argument("--overwrite", action="store_true", help="predict every case again, whatever the folder holds")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="run an input-channel-sparse E2ENet (input_channel or input_channel_blocks) masked (dense tensors "
+        "with zeros), not compacted",
+    )
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models, plans, config, paths = load_folds(args.model, args.folds, args.checkpoint, device, not args.no_compact)
+    cases = find_input_cases(args.input, config["in_channels"])
+    settings = prediction_settings(args.model, paths, args.checkpoint, args.tta)
+    manifest = open_manifest(args.output, settings, cases, args.overwrite)
+    args.output.mkdir(parents=True, exist_ok=True)
+    written = []
+    print(f"predicting {len(cases)} case(s) with fold(s) {list(paths)}{' and mirror TTA' if args.tta else ''}")
+    for case, files in tqdm(cases.items(), disable=args.no_progress):
+        target, npz = args.output / f"{case}.nii.gz", args.output / f"{case}.npz"
+        inputs = {path.name: file_sha256(path) for path in files}
+        entry = None if args.overwrite else manifest["cases"].get(case)
+        reason = "" if args.overwrite else redo_reason(entry, inputs, target, npz, args.save_probabilities)
+        if reason is None:
+            continue
+        if reason:
+            tqdm.write(f"{case}: predicting again, {reason}")
+        data, _, _, properties = preprocess_case(files, None, plans, case_id=case)
+        probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans.patch_size, args.tta)
+        probs = revert_preprocessing(probs.cpu().numpy(), properties, is_label=False)
+        segmentation = probs.argmax(0).astype(np.uint8)
+        save_nifti(nib.Nifti1Image(segmentation, np.asarray(properties["original_affine"])), target)
+        if args.save_probabilities:
+            with atomic_write(npz) as f:  # a file object also keeps numpy from appending ".npz"
+                np.savez_compressed(f, probabilities=probs.astype(np.float16))
+        else:
+            npz.unlink(missing_ok=True)  # probabilities of an earlier prediction of this case would no longer match
+        probabilities = file_sha256(npz) if args.save_probabilities else None
+        manifest["cases"][case] = {
+            "inputs": inputs,
+            "segmentation": file_sha256(target),
+            "probabilities": probabilities,
+        }
+        write_json(args.output / MANIFEST_FILE, manifest)  # after the files: a case is recorded once it is whole
+        written.append(target)
+    print(f"wrote {len(written)} segmentation(s) to {args.output} ({len(cases) - len(written)} already there)")
+    return written

@@ -1,0 +1,1 @@
+"""Dataset fingerprint, experiment plans and splits, and the per-case preprocessing with its cache."""

@@ -1,0 +1,1 @@
+"""Training: the run configuration, the loop, loss, batches, checkpoints, the run folder and DDP processes."""

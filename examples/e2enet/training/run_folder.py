@@ -1,0 +1,150 @@
+"""A run folder (``train.py --out RUN_DIR``): what makes it one experiment, and the checks that keep it so.
+
+``RUN_DIR/plans.json`` and ``RUN_DIR/config.json`` say how to preprocess an input and rebuild the network; predict.py
+ensembles the folds ``RUN_DIR/fold_F/checkpoint_*.pth`` with them. So every fold of a run must share the keys of
+``RUN_KEYS``: train.py refuses a fold that would break that (:func:`claim_fold`) and predict.py a checkpoint that
+does (:func:`fold_problems`). A refused train.py run changes nothing: every check comes before the first write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from e2enet.atomic import write_json
+from e2enet.nets.registry import model_arguments, with_model_arguments
+from e2enet.preprocessing.planning import PLANS_FILE, Plans
+from e2enet.problems import Problem
+from e2enet.training.checkpoint import check_resumable, load_checkpoint
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
+# What train.py writes into RUN_DIR/fold_F: what --overwrite replaces and what makes a fold "already trained".
+FOLD_OUTPUTS = (*CHECKPOINTS, "log.csv", "progress.png", "fusion_connections.png", "fusion_connections.json")
+# What predict.py needs to rebuild the network (MODEL_KEYS) and to feed it what it was trained on.
+MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options", "granularity")
+RUN_KEYS = (*MODEL_KEYS, "model_arguments", "preprocessing_hash", "patch_size")
+
+
+def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: bool) -> dict:
+    """What defines the run, saved in every checkpoint (``checkpoint.RESUME_KEYS`` must match to resume it)."""
+    return {
+        "arch": args.arch,
+        "preset": args.preset,
+        "fold": str(args.fold),
+        "density": args.density,
+        "static": args.static,
+        "granularity": args.granularity,
+        "sparse_layers": args.sparse_layers,
+        "epochs": args.epochs,
+        "iters_per_epoch": args.iters_per_epoch,
+        "lr": args.lr,
+        "update_every": args.update_every,
+        "grace_updates": args.grace_updates,
+        "distribution": args.distribution,
+        "growth": args.growth,
+        "regrow_init": args.regrow_init,
+        "drop_fraction": args.drop_fraction,
+        "update_until": args.update_until,
+        "augment": args.augment,
+        "mirror_axes": list(args.mirror_axes),
+        "model_options": args.model_options,
+        "model_arguments": model_arguments(args.arch, args.preset, args.model_options),
+        "seed": args.seed,
+        "in_channels": len(plans.channel_names),
+        "num_classes": plans.num_classes,
+        "preprocessing_hash": plans.preprocessing_hash,
+        "patch_size": plans.patch_size,
+        "batch_size": plans.batch_size,
+        "dataset": str(args.data.resolve()),
+        "world_size": world_size,
+        "amp": amp,
+    }
+
+
+def read_config(run_dir: Path) -> dict | None:
+    """RUN_DIR/config.json (network arguments filled in where it predates them), or None where there is none yet."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return with_model_arguments(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Problem(f"{path} is damaged ({error}); delete it (train.py rewrites it) or restore a backup") from error
+
+
+def trained_folds(run_dir: Path) -> list[str]:
+    """Names of the fold folders that hold a checkpoint."""
+    return sorted(p.name for p in run_dir.glob("fold_*") if any((p / name).is_file() for name in CHECKPOINTS))
+
+
+def claim_fold(run_dir: Path, fold: str, config: dict, plans: Plans, *, resume: bool, overwrite: bool) -> dict | None:
+    """Check that this training may write RUN_DIR/fold_F, then claim it; return the checkpoint to resume, or None.
+
+    --resume continues only a checkpoint of the same configuration; without it an existing fold is replaced only
+    with --overwrite; and a fold whose plans or network would differ from the run's other trained folds is refused.
+    """
+    fold_dir = run_dir / f"fold_{fold}"
+    latest = fold_dir / CHECKPOINTS[0]
+    existing = [name for name in FOLD_OUTPUTS if (fold_dir / name).is_file()]
+    saved = None
+    if resume and latest.is_file():
+        saved = load_checkpoint(latest)
+        check_resumable(saved["config"], config, latest)
+    elif resume and existing:
+        raise Problem(
+            f"{fold_dir} holds {', '.join(existing)} but no {latest.name} to resume from; pass --overwrite instead "
+            "of --resume to train it again from scratch, or use another --out"
+        )
+    elif existing and not overwrite:
+        raise Problem(
+            f"{fold_dir} already holds a run ({', '.join(existing)}); pass --resume to continue it, --overwrite to "
+            "replace it, or use another --out"
+        )
+    recorded = read_config(run_dir) or {}
+    different = [k for k in RUN_KEYS if k in recorded and recorded[k] != config[k]]
+    others = [name for name in trained_folds(run_dir) if name != fold_dir.name]
+    if different and others:
+        raise Problem(
+            f"{run_dir} holds {', '.join(others)} trained with "
+            + ", ".join(f"{k} {recorded[k]!r} (this fold: {config[k]!r})" for k in different)
+            + "; predict.py ensembles a run's folds with its one plans.json, so they must agree: use another --out, "
+            "or delete those folds"
+        )
+    for name in existing if overwrite else ():
+        (fold_dir / name).unlink()
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    plans.save(run_dir / PLANS_FILE)
+    write_json(run_dir / CONFIG_FILE, {k: config[k] for k in RUN_KEYS})
+    return saved
+
+
+def load_run(run_dir: Path) -> tuple[Plans, dict]:
+    """The plans and config of a run folder, or a Problem saying why ``run_dir`` is not one."""
+    config = read_config(run_dir) if run_dir.is_dir() else None
+    if config is None or not (run_dir / PLANS_FILE).is_file():
+        raise Problem(
+            f"{run_dir} is not a run folder of train.py (it has no {CONFIG_FILE} and {PLANS_FILE}); pass the "
+            "RUN_DIR given to train.py --out"
+        )
+    missing = [k for k in MODEL_KEYS if k not in config]
+    if missing:
+        raise Problem(f"{run_dir / CONFIG_FILE} lacks {missing}; train the run again or restore the file")
+    return Plans.load(run_dir / PLANS_FILE), config
+
+
+def fold_problems(path: Path, saved: dict, plans: Plans, config: dict) -> list[str]:
+    """One sentence per way the checkpoint config ``saved`` (of ``path``) does not fit the run it is found in."""
+    expected = [(key, config[key], CONFIG_FILE) for key in (*MODEL_KEYS, "model_arguments")] + [
+        ("in_channels", len(plans.channel_names), PLANS_FILE),
+        ("num_classes", plans.num_classes, PLANS_FILE),
+        ("preprocessing_hash", plans.preprocessing_hash, PLANS_FILE),
+        ("patch_size", plans.patch_size, PLANS_FILE),
+    ]
+    return [
+        f"{path} was trained with {key} {saved.get(key)!r} but the run's {source} says {value!r}: it belongs to "
+        "another dataset or run; train this fold in this run, or leave it out of --folds"
+        for key, value, source in expected
+        if saved.get(key) != value
+    ]
