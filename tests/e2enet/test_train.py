@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import types
 from pathlib import Path
 
 import nibabel as nib
@@ -15,17 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-import sparsefuse as sf
 from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
 from e2enet.experiments import compare
 from e2enet.inference import predict
-from e2enet.nets import registry as networks
-from e2enet.preprocessing import planning
-from e2enet.training import checkpoint, run_folder, train
+from e2enet.training import checkpoint, train
+from e2enet.training import config as run_settings
+from e2enet.training.config import make_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "e2enet"  # the scripts users run
 EPOCHS, ITERS = 3, 3
+KILL_SEED = 20261207
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,22 @@ def run_args(dataset, out, *extra, density=0.2, epochs=EPOCHS, iters=ITERS):
     ]
 
 
+def run_config(dataset, out, *, density=0.2, epochs=EPOCHS, iters=ITERS, **settings):
+    """What run_args asks for, as a config built in Python."""
+    return make_config(
+        data=dataset,
+        out=out,
+        preset="cpu-demo",
+        density=density,
+        epochs=epochs,
+        iters_per_epoch=iters,
+        val_iters=1,
+        progress=False,
+        preprocessed=out.parent / "pre",
+        **settings,
+    )
+
+
 def assert_scores_are_the_dice_of_the_files(summary, references, predictions, labels):
     """The summary's Dice per class is the overlap of what predict.py wrote with the reference, counted here from the
     files (one test case, so the class means are that case's values): evaluation scored the right voxels and labels.
@@ -76,7 +93,7 @@ def assert_scores_are_the_dice_of_the_files(summary, references, predictions, la
 @pytest.fixture(scope="module")
 def finished_run(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    return out, train.main(run_args(dataset, out))
+    return out, train.train(run_config(dataset, out))
 
 
 def test_training_makes_real_topology_updates_at_fixed_density(finished_run):
@@ -114,10 +131,10 @@ def test_crash_then_resume_ends_bit_identical(dataset, finished_run, tmp_path, m
 
     monkeypatch.setattr(train, "save_checkpoint", crash_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        train.main(run_args(dataset, out))
+        train.train(run_config(dataset, out))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
     capsys.readouterr()
-    resumed = train.main(run_args(dataset, out, "--resume"))
+    resumed = train.train(run_config(dataset, out, resume=True))
     printed = capsys.readouterr().out
     assert "at epoch 2" in printed and "epoch 0:" not in printed  # it continued; it did not start over
 
@@ -141,50 +158,43 @@ def test_resume_with_another_configuration_is_refused(dataset, finished_run, cap
 
 def test_resume_ignores_settings_that_do_not_act_on_the_run(tmp_path):
     """A dense run has no masks and a static one no topology updates: when a preset's default for those changes
-    (cpu-demo's update rules now follow the density), their runs still resume; a sparse dynamic run does not."""
+    (cpu-demo's update rules follow the density), their runs still resume; a sparse dynamic run does not."""
     path = tmp_path / "checkpoint_latest.pth"
-    sparse = {key: 0 for key in checkpoint.RESUME_KEYS} | {"density": 0.2, "static": False, "world_size": 1}
-    for saved_density, static, blocked in [(1.0, False, False), (0.1, True, False), (0.1, False, True)]:
-        saved = sparse | {"density": saved_density, "static": static, "drop_fraction": 0.2, "update_until": 0.75}
+
+    def record(density, **settings):
+        config = make_config(data=tmp_path, out=tmp_path, density=density, **settings)
+        return run_settings.settings_of(config) | dict.fromkeys(checkpoint.DERIVED_IDENTITY, 0)
+
+    for density, settings, blocked in [(1.0, {}, False), (0.1, {"static": True}, False), (0.1, {}, True)]:
+        saved = record(density, **settings) | {"drop_fraction": 0.2, "update_until": 0.75}
         now = saved | {"drop_fraction": 0.5, "update_until": 1.0}
         if blocked:
             with pytest.raises(checkpoint.Problem, match="drop_fraction saved 0.2 vs now 0.5"):
                 checkpoint.check_resumable(saved, now, path)
         else:
             checkpoint.check_resumable(saved, now, path)
-    dense = sparse | {"density": 1.0}
     with pytest.raises(checkpoint.Problem, match="density saved 1.0 vs now 0.2"):
-        checkpoint.check_resumable(dense, sparse, path)
+        checkpoint.check_resumable(record(1.0), record(0.2), path)
 
 
-def test_runs_from_before_lr_and_network_arguments_were_recorded_load_as_they_were_trained(finished_run, tmp_path):
-    """Until the cpu-demo preset changed, its runs used lr 0.01 and a shifted E2ENet, and their checkpoints and
-    config.json recorded neither: loading them must say so, so that a resume, a new fold or predict.py sees what
-    they were trained with."""
-    out, trained = finished_run
-    path = out / "fold_0" / "checkpoint_final.pth"
-    current = checkpoint.load_checkpoint(path)["config"]
-    assert current["lr"] == 0.04 and current["model_arguments"]["shift"] is False
-    assert not isinstance(trained["model"].encoder[1][0].conv, sf.nn.DepthShiftConv3d)
-    checkpoint.check_resumable(current, current, path)
-
+def test_a_checkpoint_of_an_earlier_version_is_refused_with_a_way_out(finished_run, tmp_path):
+    """A run config written before a setting existed cannot say what the run ran with: refused, never guessed."""
+    out, _ = finished_run
+    current = checkpoint.load_checkpoint(out / "fold_0" / "checkpoint_final.pth")["config"]
+    checkpoint.check_resumable(current, current, tmp_path / "same.pth")
     older = {k: v for k, v in current.items() if k not in ("model_arguments", "lr")}
     checkpoint.save_checkpoint({"config": older, "model": {}}, tmp_path / "old.pth")
-    loaded = checkpoint.load_checkpoint(tmp_path / "old.pth")["config"]
-    assert loaded["lr"] == 0.01 and loaded["model_arguments"]["shift"] is True
-    with pytest.raises(checkpoint.Problem, match="lr saved 0.01 vs now 0.04.*model_arguments saved"):
-        checkpoint.check_resumable(loaded, current, tmp_path / "old.pth")
-    plans = planning.Plans.load(out / "plans.json")
-    problems = run_folder.fold_problems(tmp_path / "old.pth", loaded, plans, current)
-    assert len(problems) == 1 and "model_arguments" in problems[0]
+    with pytest.raises(checkpoint.Problem, match="earlier version of train.py.*lacks lr, model_arguments"):
+        checkpoint.load_checkpoint(tmp_path / "old.pth")
 
-    old_run = tmp_path / "old_run"
-    old_run.mkdir()
-    (old_run / run_folder.CONFIG_FILE).write_text(json.dumps({k: older[k] for k in run_folder.MODEL_KEYS}))
-    arguments = run_folder.read_config(old_run)["model_arguments"]
-    rebuilt = networks.build_model("e2enet", "cpu-demo", in_channels=1, num_classes=4, **arguments)
-    assert isinstance(rebuilt.encoder[1][0].conv, sf.nn.DepthShiftConv3d)
-    assert rebuilt.channels == (12, 24, 48, 96)  # the widths of that time, not today's
+
+def test_every_setting_is_a_flag_and_part_of_the_run_identity_unless_declared_otherwise():
+    """The config is the one list of settings: the parser offers each, and resume compares each that defines the
+    run, so a new setting cannot be forgotten in either place."""
+    parser_dests = {action.dest for action in train.build_parser()._actions}
+    assert set(run_settings.SETTINGS) <= parser_dests
+    record = run_settings.settings_of(make_config(data=Path("d"), out=Path("o"), density=0.1))
+    assert set(run_settings.identity_keys(record)) == set(run_settings.SETTINGS) - set(run_settings.RUN_ONLY)
 
 
 def test_damaged_checkpoint_gives_a_clear_error(dataset, tmp_path, capsys):
@@ -227,7 +237,7 @@ def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path, 
 
 def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tmp_path):
     out = tmp_path / "dynunet"
-    result = train.main(run_args(dataset, out, "--arch", "dynunet", density=1.0, epochs=1))
+    result = train.train(run_config(dataset, out, arch="dynunet", density=1.0, epochs=1))
     assert result["sparsity"] is None and type(result["model"]).__name__ == "DynUNet"
     assert json.loads((out / "config.json").read_text())["arch"] == "dynunet"
     written = predict.main(
@@ -238,7 +248,7 @@ def test_dynunet_baseline_trains_and_predicts_with_the_same_pipeline(dataset, tm
 
 def test_erk_distribution_keeps_more_of_the_narrow_fusion_layers_at_the_same_total(dataset, tmp_path):
     out = tmp_path / "erk"
-    result = train.main(run_args(dataset, out, "--distribution", "erk", "--granularity", "input_channel", epochs=1))
+    result = train.train(run_config(dataset, out, distribution="erk", granularity="input_channel", epochs=1))
     sparsity = result["sparsity"]
     assert result["config"]["distribution"] == "erk"
     per_layer = {name: sparsity.density(name) for name in sparsity.target_names}
@@ -252,8 +262,8 @@ def test_erk_distribution_keeps_more_of_the_narrow_fusion_layers_at_the_same_tot
 
 def test_rigl_growth_and_reinitialised_regrowth_are_recorded_and_keep_the_density(dataset, tmp_path):
     out = tmp_path / "rigl"
-    flags = ["--growth", "gradient", "--regrow-init", "reinit", "--drop-fraction", "0.3", "--update-every", "2"]
-    result = train.main(run_args(dataset, out, *flags, epochs=2))
+    flags = dict(growth="gradient", regrow_init="reinit", drop_fraction=0.3, update_every=2)
+    result = train.train(run_config(dataset, out, **flags, epochs=2))
     config, sparsity = result["config"], result["sparsity"]
     assert (config["growth"], config["regrow_init"], config["drop_fraction"]) == ("gradient", "reinit", 0.3)
     assert type(sparsity.growth).__name__ == "Gradient" and sparsity.regrow_init == "reinit"
@@ -262,8 +272,7 @@ def test_rigl_growth_and_reinitialised_regrowth_are_recorded_and_keep_the_densit
 
 
 def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp_path):
-    flags = ["--update-every", "1", "--update-until", "0.5"]
-    result = train.main(run_args(dataset, tmp_path / "until", *flags, epochs=4, iters=2))
+    result = train.train(run_config(dataset, tmp_path / "until", update_every=1, update_until=0.5, epochs=4, iters=2))
     assert result["config"]["update_until"] == 0.5
     updates = [row["topology_updates"] for row in result["log"]]
     # Iterations 1-4 may change the topology (the last one at a zero cosine), 5-8 train under a fixed mask.
@@ -308,17 +317,18 @@ def test_sigkill_at_a_random_point_then_resume_loses_at_most_an_epoch_and_ends_i
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.5))  # somewhere in a later epoch, possibly mid-save
+    delay = random.Random(KILL_SEED).uniform(0.0, 1.5)  # seeded: a failure can be rerun at the same point
+    time.sleep(delay)  # somewhere in a later epoch, possibly mid-save
     process.send_signal(signal.SIGKILL)
     process.wait()
     saved = torch.load(checkpoint, weights_only=False)  # the file on disk is always a whole checkpoint
     log = (out / "fold_0" / "log.csv").read_text().splitlines()
     assert saved["epoch"] >= len(log) - 2  # header + logged epochs: the log never runs ahead of the checkpoint
     resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, f"killed after {delay:.3f} s: " + resumed.stderr[-2000:]
     final = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)
     for name, value in reference["model"].state_dict().items():
-        assert torch.equal(value, final["model"][name]), name
+        assert torch.equal(value, final["model"][name]), f"{name}, killed after {delay:.3f} s"
 
 
 def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
@@ -363,7 +373,7 @@ def test_whole_pipeline_on_an_msd_task_it_has_never_seen(tmp_path):
 
     dataset = convert_msd_dataset(task, tmp_path / "raw")
     out = tmp_path / "run"
-    train.main(run_args(dataset, out, density=0.3, epochs=2, iters=2))
+    train.train(run_config(dataset, out, density=0.3, epochs=2, iters=2))
     assert json.loads((out / "plans.json").read_text())["normalization"][0]["scheme"] == "CT"
     written = predict.main(
         ["--model", str(out), "--input", str(dataset / "imagesTs"), "--output", str(tmp_path / "pred"), "--no-progress"]
@@ -429,8 +439,8 @@ def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(
     give the same softmax to float rounding, so the same labels. With --sparse-layers fusion-convs the transposed
     convs are not masked: every coarse channel reaches them, and compaction still matches."""
     out = tmp_path / "run"
-    flags = ["--granularity", granularity, "--sparse-layers", sparse_layers]
-    result = train.main(run_args(dataset, out, *flags, density=0.1, epochs=1))
+    flags = dict(granularity=granularity, sparse_layers=sparse_layers)
+    result = train.train(run_config(dataset, out, **flags, density=0.1, epochs=1))
     masked_ups = [name for name in result["sparsity"].target_names if ".up." in name]
     assert bool(masked_ups) == (sparse_layers == "fusion")
     assert all(".convs." in name for name in result["sparsity"].target_names if name not in masked_ups)
@@ -485,7 +495,16 @@ def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
     generator = torch.Generator().manual_seed(0)
     shape = (2, 1, 48, 48, 48)
     batches = iter([{"image": torch.randn(shape, generator=generator), "label": torch.randint(0, 3, shape)}])
-    loss, counts = validate(Float16Logits(), batches, dice_ce_loss(), 1, 3, torch.device("cpu"), contextlib.nullcontext)
+    trainer = types.SimpleNamespace(
+        model=Float16Logits(),
+        val_loader=batches,
+        loss_fn=dice_ce_loss(),
+        autocast=contextlib.nullcontext,
+        config=types.SimpleNamespace(budget=types.SimpleNamespace(val_iters=1)),
+        plans=types.SimpleNamespace(num_classes=3),
+        procs=types.SimpleNamespace(device=torch.device("cpu")),
+    )
+    loss, counts = validate(trainer)
     assert np.isfinite(loss)
     assert counts.sum() > 0
 
@@ -503,5 +522,5 @@ def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
 )
 def test_topology_update_rules_follow_the_preset_and_density_unless_given(tmp_path, preset, density, flags, rules):
     argv = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", preset, "--density", density]
-    args = train.parse_args([*argv, *flags])
-    assert (args.drop_fraction, args.update_until) == rules
+    updates = train.parse_config([*argv, *flags]).sparsity.updates
+    assert (updates.drop_fraction, updates.update_until) == rules

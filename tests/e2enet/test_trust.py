@@ -28,8 +28,8 @@ from e2enet.evaluation import evaluate
 from e2enet.inference import predict
 from e2enet.preprocessing import planning
 from e2enet.training import train
+from e2enet.training.divergence import DivergenceGuard
 from e2enet.training.epoch_log import pseudo_dice
-from e2enet.training.loss import DivergenceGuard
 
 # --------------------------------------------------------------------------- helpers
 

@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,76 +32,42 @@ from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
 from e2enet.experiments import accounting
 from e2enet.inference import predict
-from e2enet.training import train
+from e2enet.training.config import RunConfig, as_flags, make_config
 from e2enet.training.plots import plot_learning_curves
+from e2enet.training.train import train
 
-INPUT_CHANNEL_ERK_01 = ["--density", "0.1", "--granularity", "input_channel", "--distribution", "erk"]
-SETTINGS = {  # row name -> train.py flags
-    "E2ENet dense": ["--density", "1.0"],
-    "E2ENet DSFF 0.3": ["--density", "0.3"],
-    "E2ENet DSFF 0.2": ["--density", "0.2"],
-    "E2ENet DSFF 0.1": ["--density", "0.1"],
-    "E2ENet static 0.1": ["--density", "0.1", "--static"],
-    # Structured DSFF: whole input channels, which sparsefuse.compact removes at inference.
-    "E2ENet DSFF input-channel 0.2": ["--density", "0.2", "--granularity", "input_channel"],
-    "E2ENet DSFF input-channel 0.1": ["--density", "0.1", "--granularity", "input_channel"],
+INPUT_CHANNEL_ERK_01 = dict(density=0.1, granularity="input_channel", distribution="erk")
+SETTINGS = {  # row name -> run settings (training/config.py) over the preset's
+    "E2ENet dense": dict(density=1.0),
+    "E2ENet DSFF 0.3": dict(density=0.3),
+    "E2ENet DSFF 0.2": dict(density=0.2),
+    "E2ENet DSFF 0.1": dict(density=0.1),
+    "E2ENet static 0.1": dict(density=0.1, static=True),
+    # Structured DSFF: whole input channels, which sparsefuse's compaction removes at inference.
+    "E2ENet DSFF input-channel 0.2": dict(density=0.2, granularity="input_channel"),
+    "E2ENet DSFF input-channel 0.1": dict(density=0.1, granularity="input_channel"),
     # The same total, spread by Erdos-Renyi-Kernel: narrow layers keep more of their inputs.
     "E2ENet DSFF input-channel 0.1 ERK": INPUT_CHANNEL_ERK_01,
     # ... with the transposed convs dense, so that each coarser level's features reach the node whole.
-    "E2ENet DSFF input-channel 0.1 ERK, dense up": [*INPUT_CHANNEL_ERK_01, "--sparse-layers", "fusion-convs"],
+    "E2ENet DSFF input-channel 0.1 ERK, dense up": {**INPUT_CHANNEL_ERK_01, "sparse_layers": "fusion-convs"},
     # Input channels chosen per block of 4 outputs (each block reads its own), ERK, dense up.
-    "E2ENet DSFF input-channel blocks 0.1 ERK, dense up": [
-        "--density",
-        "0.1",
-        "--granularity",
-        "input_channel_blocks",
-        "--distribution",
-        "erk",
-        "--sparse-layers",
-        "fusion-convs",
-    ],
-    "DynUNet (nnU-Net)": ["--arch", "dynunet", "--density", "1.0"],
+    "E2ENet DSFF input-channel blocks 0.1 ERK, dense up": {
+        **INPUT_CHANNEL_ERK_01,
+        "granularity": "input_channel_blocks",
+        "sparse_layers": "fusion-convs",
+    },
+    "DynUNet (nnU-Net)": dict(arch="dynunet", density=1.0),
 }
 DEFAULT_SETTINGS = ["E2ENet dense", "E2ENet DSFF 0.2", "E2ENet DSFF 0.1", "E2ENet static 0.1", "DynUNet (nnU-Net)"]
 
 
-def run_setting(
-    name: str,
-    flags: list[str],
-    dataset: Path,
-    out: Path,
-    *,
-    preset: str,
-    epochs: int | None = None,
-    iters_per_epoch: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict:
+def run_setting(name: str, config: RunConfig) -> dict:
     """Train (resuming if interrupted), segment the test cases, score them and count Params / FLOPs: one run."""
-    budget = [
-        *(["--epochs", str(epochs)] if epochs else []),
-        *(["--iters-per-epoch", str(iters_per_epoch)] if iters_per_epoch else []),
-        *(["--lr", str(lr)] if lr else []),
-    ]
-    argv = [
-        "--data",
-        str(dataset),
-        "--out",
-        str(out),
-        "--fold",
-        "0",
-        "--preset",
-        preset,
-        "--seed",
-        str(seed),
-        *budget,
-        "--resume",
-        *([] if progress else ["--no-progress"]),
-        *flags,
-    ]
-    print(f"\n=== {name}, seed {seed}\n$ python {Path(train.__file__)} {' '.join(argv)}", flush=True)
-    trained = train.main(argv)
+    out, dataset = config.out, config.data
+    print(
+        f"\n=== {name}, seed {config.seed}\n$ python examples/e2enet/train.py {' '.join(as_flags(config))}", flush=True
+    )
+    trained = train(config)
     predict_argv = [
         "--model",
         str(out),
@@ -111,7 +78,7 @@ def run_setting(
         "--overwrite",
         "--no-progress",
     ]
-    print(f"$ python {Path(predict.__file__)} {' '.join(predict_argv)}", flush=True)
+    print(f"$ python examples/e2enet/predict.py {' '.join(predict_argv)}", flush=True)
     started = time.perf_counter()
     cases = predict.main(predict_argv)
     infer_seconds = (time.perf_counter() - started) / max(1, len(cases))
@@ -124,7 +91,7 @@ def run_setting(
     iterations = trained["config"]["epochs"] * trained["config"]["iters_per_epoch"]
     return {
         "name": name,
-        "seed": seed,
+        "seed": config.seed,
         "mdice": summary["mean"]["dice"],
         "dice_per_class": {c: v["dice"] for c, v in summary["per_class_mean"].items()},
         "iterations": iterations,
@@ -223,22 +190,16 @@ def main(argv=None) -> list[dict]:
             dataset = prepare_mni.build_mni_dataset(dataset.parent, task=args.task)
     else:
         dataset = args.data
+    budget = {k: getattr(args, k) for k in ("epochs", "iters_per_epoch", "lr") if getattr(args, k) is not None}
     rows = []
     for name in args.settings:
-        runs = [
-            run_setting(
-                name,
-                SETTINGS[name],
-                dataset,
-                args.workdir / folder_name(name) / f"seed_{seed}",
-                preset=args.preset,
-                epochs=args.epochs,
-                iters_per_epoch=args.iters_per_epoch,
-                lr=args.lr,
-                seed=seed,
+        runs = []
+        for seed in range(args.seeds):
+            out = args.workdir / folder_name(name) / f"seed_{seed}"
+            config = make_config(
+                data=dataset, out=out, preset=args.preset, **SETTINGS[name], **budget, seed=seed, resume=True
             )
-            for seed in range(args.seeds)
-        ]
+            runs.append(run_setting(name, replace(config, progress=False)))
         rows.append(summarise(runs))
     references = add_pt_scores(rows)
     plot_learning_curves(rows, args.workdir / "learning_curves.png")

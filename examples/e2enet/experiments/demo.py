@@ -14,10 +14,12 @@ interrupted runs (``--resume``). One seed: for mean ± std over seeds run compar
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from e2enet.dataset import mni as prepare_mni
 from e2enet.experiments.compare import SETTINGS, add_pt_scores, folder_name, format_rows, run_setting, summarise
+from e2enet.training.config import make_config
 from e2enet.training.plots import plot_learning_curves
 
 
@@ -32,25 +34,19 @@ def main(argv=None) -> list[dict]:
 
     dataset = args.workdir / "raw" / "Dataset990_MNITissue"
     if not (dataset / "dataset.json").is_file():
-        print(f"$ python {Path(prepare_mni.__file__)} --out {dataset.parent}")
+        print(f"$ python examples/e2enet/prepare_mni.py --out {dataset.parent}")
         dataset = prepare_mni.build_mni_dataset(dataset.parent)
     settings = [
         ("E2ENet dense", SETTINGS["E2ENet dense"]),
-        (f"E2ENet DSFF {args.density}", ["--density", str(args.density)]),
+        (f"E2ENet DSFF {args.density}", dict(density=args.density)),
         ("DynUNet (nnU-Net)", SETTINGS["DynUNet (nnU-Net)"]),
     ]
+    budget = {k: getattr(args, k) for k in ("epochs", "iters_per_epoch") if getattr(args, k) is not None}
     rows = []
-    for name, flags in settings:
-        run = run_setting(
-            name,
-            flags,
-            dataset,
-            args.workdir / folder_name(name),
-            preset="cpu-demo",
-            epochs=args.epochs,
-            iters_per_epoch=args.iters_per_epoch,
-            progress=not args.no_progress,
-        )
+    for name, settings_of_row in settings:
+        out = args.workdir / folder_name(name)
+        config = make_config(data=dataset, out=out, **settings_of_row, **budget, resume=True)
+        run = run_setting(name, replace(config, progress=not args.no_progress))
         rows.append(summarise([run]))
     add_pt_scores(rows)
     plot_learning_curves(rows, args.workdir / "learning_curves.png")

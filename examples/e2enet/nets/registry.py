@@ -31,24 +31,10 @@ def build_model(arch: str, preset: str, *, in_channels: int, num_classes: int, *
     raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
 
 
-# Preset arguments that changed after runs were trained with them: a run config without "model_arguments" (written
-# before they were recorded) was built with these over today's preset.
-UNRECORDED_PRESET_ARGUMENTS = {("e2enet", "cpu-demo"): {"shift": True, "max_channels": 96, "downsampling": "unit"}}
-
-
 def model_arguments(arch: str, preset: str, options: dict) -> dict:
     """Every constructor argument a network of ``arch`` at ``preset`` with ``options`` is built with: E2ENet's preset
     arguments with the options over them; none for DynUNet, whose presets take no options."""
     return {**PRESETS[preset], **options} if arch == "e2enet" else {}
-
-
-def with_model_arguments(config: dict) -> dict:
-    """A run config as read, with the network arguments filled in where it was written before they were recorded."""
-    if "model_arguments" in config or not {"arch", "preset"} <= config.keys():
-        return config
-    before = UNRECORDED_PRESET_ARGUMENTS.get((config["arch"], config["preset"]), {})
-    options = {**before, **config.get("model_options", {})}
-    return {**config, "model_arguments": model_arguments(config["arch"], config["preset"], options)}
 
 
 def inference_memory_format(arch: str, preset: str, device: torch.device) -> torch.memory_format:

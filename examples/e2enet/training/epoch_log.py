@@ -11,27 +11,45 @@ import csv
 import io
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from e2enet.atomic import atomic_write
-from e2enet.training.loss import to_device
+from e2enet.training.loader import to_device
+
+
+@dataclass
+class EpochResult:
+    """What one epoch measured; validation fills in ``val_loss`` and ``counts``."""
+
+    epoch: int
+    train_loss: float
+    lr: float
+    reports: list  # the topology updates' UpdateReports
+    started: float  # time.perf_counter() at the epoch's start
+    val_loss: float = float("nan")
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, iters: int, num_classes: int, device, autocast) -> tuple[float, torch.Tensor]:
-    """Mean loss and the TP, FP, FN counts per foreground class, shape (3, K - 1), over ``iters`` batches."""
+def validate(trainer) -> tuple[float, torch.Tensor]:
+    """Mean loss and the TP, FP, FN counts per foreground class, shape (3, K - 1), over the run's validation batches.
+
+    ``trainer`` is train.py's Trainer: its model, val_loader, loss_fn, autocast, config, plans and procs are read.
+    """
+    model, loader, num_classes = trainer.model, trainer.val_loader, trainer.plans.num_classes
     model.eval()
     counts = torch.zeros(3, num_classes - 1)
     losses = []
-    for _ in range(iters):
-        image, label = to_device(next(loader), device)
-        with autocast():
+    for _ in range(trainer.config.budget.val_iters):
+        image, label = to_device(next(loader), trainer.procs.device)
+        with trainer.autocast():
             logits = model(image)
         # Under CUDA autocast the logits are float16, and the Dice sums over a patch overflow float16 (NaN loss).
-        losses.append(loss_fn(logits.float(), label).item())
+        losses.append(trainer.loss_fn(logits.float(), label).item())
         pred, ref = logits.argmax(1).cpu(), label[:, 0].cpu()
         for c in range(1, num_classes):
             counts[0, c - 1] += ((pred == c) & (ref == c)).sum()
@@ -51,25 +69,26 @@ def pseudo_dice(counts: torch.Tensor) -> list[float]:
     return torch.where(denominator > 0, 2 * tp / denominator.clamp_min(1), float("nan")).tolist()
 
 
-def epoch_row(epoch: int, train_loss: float, val_loss: float, counts, sparsity, lr: float, reports, started) -> dict:
-    """The log.csv row of one epoch (``started``: its time.perf_counter() at the start)."""
-    dice = pseudo_dice(counts)
+def epoch_row(result: EpochResult, sparsity) -> dict:
+    """The log.csv row of one epoch."""
+    reports = result.reports
+    dice = pseudo_dice(result.counts)
     seen = [d for d in dice if not math.isnan(d)]
     survivals = [r.survival for r in reports if r.survival is not None]
     return {
-        "epoch": epoch,
-        "train_loss": train_loss,
-        "val_loss": val_loss,
+        "epoch": result.epoch,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
         "pseudo_dice": float(np.mean(seen)) if seen else float("nan"),
         **{f"dice_{c + 1}": d for c, d in enumerate(dice)},
         "density": sparsity.density() if sparsity else 1.0,
-        "lr": lr,
+        "lr": result.lr,
         "topology_updates": len(reports),
         # Of the kernels grown at one update, the share the next update kept; and the share of all fusion
         # kernels ever active (ITOP's exploration rate). Empty when this epoch made no update.
         "regrown_survival": float(np.mean(survivals)) if survivals else "",
         "exploration": reports[-1].exploration if reports else "",
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - result.started,
     }
 
 

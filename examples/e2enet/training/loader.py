@@ -299,3 +299,9 @@ class TrainLoader:
             torch.from_numpy(label[None].astype(np.float32))
         )
         return image, label.round().to(torch.int16)
+
+
+def to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch as the network takes it: (image, label) in its axis order, the image channels-last."""
+    image = to_network_layout(batch["image"]).to(device, memory_format=torch.channels_last_3d)
+    return image, to_network_layout(batch["label"]).to(device)

@@ -8,15 +8,15 @@ does (:func:`fold_problems`). A refused train.py run changes nothing: every chec
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from e2enet.atomic import write_json
-from e2enet.nets.registry import model_arguments, with_model_arguments
+from e2enet.nets.registry import model_arguments
 from e2enet.preprocessing.planning import PLANS_FILE, Plans
 from e2enet.problems import Problem
 from e2enet.training.checkpoint import check_resumable, load_checkpoint
+from e2enet.training.config import RUN_ONLY, RunConfig, settings_of
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
@@ -27,49 +27,30 @@ MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options", "
 RUN_KEYS = (*MODEL_KEYS, "model_arguments", "preprocessing_hash", "patch_size")
 
 
-def run_config(args: argparse.Namespace, plans: Plans, world_size: int, amp: bool) -> dict:
-    """What defines the run, saved in every checkpoint (``checkpoint.RESUME_KEYS`` must match to resume it)."""
+def run_record(config: RunConfig, plans: Plans, world_size: int, amp: bool) -> dict:
+    """What defines the run, saved in every checkpoint: its settings, and what was derived from data and processes."""
+    settings = {k: v for k, v in settings_of(config).items() if k not in RUN_ONLY}
     return {
-        "arch": args.arch,
-        "preset": args.preset,
-        "fold": str(args.fold),
-        "density": args.density,
-        "static": args.static,
-        "granularity": args.granularity,
-        "sparse_layers": args.sparse_layers,
-        "epochs": args.epochs,
-        "iters_per_epoch": args.iters_per_epoch,
-        "lr": args.lr,
-        "update_every": args.update_every,
-        "grace_updates": args.grace_updates,
-        "distribution": args.distribution,
-        "growth": args.growth,
-        "regrow_init": args.regrow_init,
-        "drop_fraction": args.drop_fraction,
-        "update_until": args.update_until,
-        "augment": args.augment,
-        "mirror_axes": list(args.mirror_axes),
-        "model_options": args.model_options,
-        "model_arguments": model_arguments(args.arch, args.preset, args.model_options),
-        "seed": args.seed,
+        **settings,
+        "model_arguments": model_arguments(config.arch, config.preset, config.model_options),
         "in_channels": len(plans.channel_names),
         "num_classes": plans.num_classes,
         "preprocessing_hash": plans.preprocessing_hash,
         "patch_size": plans.patch_size,
         "batch_size": plans.batch_size,
-        "dataset": str(args.data.resolve()),
+        "dataset": str(config.data.resolve()),
         "world_size": world_size,
         "amp": amp,
     }
 
 
 def read_config(run_dir: Path) -> dict | None:
-    """RUN_DIR/config.json (network arguments filled in where it predates them), or None where there is none yet."""
+    """RUN_DIR/config.json, or None where there is none yet."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
     try:
-        return with_model_arguments(json.loads(path.read_text()))
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise Problem(f"{path} is damaged ({error}); delete it (train.py rewrites it) or restore a backup") from error
 
@@ -79,13 +60,14 @@ def trained_folds(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.glob("fold_*") if any((p / name).is_file() for name in CHECKPOINTS))
 
 
-def claim_fold(run_dir: Path, fold: str, config: dict, plans: Plans, *, resume: bool, overwrite: bool) -> dict | None:
+def claim_fold(run: RunConfig, config: dict, plans: Plans) -> dict | None:
     """Check that this training may write RUN_DIR/fold_F, then claim it; return the checkpoint to resume, or None.
 
     --resume continues only a checkpoint of the same configuration; without it an existing fold is replaced only
     with --overwrite; and a fold whose plans or network would differ from the run's other trained folds is refused.
+    ``config`` is the run's record (:func:`run_record`).
     """
-    fold_dir = run_dir / f"fold_{fold}"
+    run_dir, fold_dir, resume, overwrite = run.out, run.fold_dir, run.resume, run.overwrite
     latest = fold_dir / CHECKPOINTS[0]
     existing = [name for name in FOLD_OUTPUTS if (fold_dir / name).is_file()]
     saved = None
