@@ -46,7 +46,7 @@ from common import interleaved, machine
 from torch import nn
 
 import sparsefuse as sf
-from e2enet.inference.compact_ops import copy_runs
+from e2enet.inference.compact_layers import copy_runs
 from e2enet.inference.compaction import channel_assembly, compact_e2enet, e2enet_compaction_plan
 from e2enet.nets.dynunet import build_dynunet
 from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets, is_fusion_conv

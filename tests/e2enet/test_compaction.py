@@ -1,5 +1,5 @@
-"""E2ENet-wide compaction (examples/e2enet/compaction.py): the compacted network computes what the masked one
-computes, holds only the channels something reads, saves, loads, exports and compiles.
+"""E2ENet-wide compaction (examples/e2enet/inference/compaction.py): the compacted network computes what the masked
+one computes, holds only the channels something reads, saves, loads, exports and compiles.
 
 Tolerance: float32 outputs agree to ``1e-5 * max(1, max |masked output|)``. Both networks add the same nonzero
 terms, in another order and with other conv algorithms (oneDNN against torch's choice); the instance norms
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsefuse as sf
-from e2enet.inference import compact_ops as lean_ops
+from e2enet.inference import compact_layers
 from e2enet.inference.compaction import CompactNode, CompactUnit, compact_e2enet, e2enet_compaction_plan
 from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets
 from tests.core.test_compact import FixedMasks, assert_matches
@@ -196,8 +196,8 @@ def test_zero_weights_are_the_masks_when_no_sparsifier_is_given():
 
 @pytest.mark.parametrize("memory_format", sorted(FORMATS))
 def test_in_place_instance_norm_equals_torchs(monkeypatch, memory_format):
-    monkeypatch.setattr(lean_ops, "IN_PLACE_NORM_MIN", 0)
-    monkeypatch.setattr(lean_ops, "NORM_SLAB", 3000)  # several slabs
+    monkeypatch.setattr(compact_layers, "IN_PLACE_NORM_MIN", 0)
+    monkeypatch.setattr(compact_layers, "NORM_SLAB", 3000)  # several slabs
     norm = nn.InstanceNorm3d(6, affine=True)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
@@ -205,14 +205,14 @@ def test_in_place_instance_norm_equals_torchs(monkeypatch, memory_format):
     x = (torch.randn(2, 6, 7, 9, 10) * 3 + 5).contiguous(memory_format=FORMATS[memory_format])
     want = F.instance_norm(x.double(), weight=norm.weight.double(), bias=norm.bias.double(), eps=norm.eps)
     with torch.no_grad():  # inference: written over its input
-        got = lean_ops._instance_norm(norm, x.clone(memory_format=torch.preserve_format))
+        got = compact_layers.instance_norm_in_place(norm, x.clone(memory_format=torch.preserve_format))
     assert got.is_contiguous(memory_format=FORMATS[memory_format])
     assert (got - want).abs().max().item() < 1e-5
 
 
 def test_whole_network_with_in_place_norms(monkeypatch):
-    monkeypatch.setattr(lean_ops, "IN_PLACE_NORM_MIN", 0)
-    monkeypatch.setattr(lean_ops, "NORM_SLAB", 5000)
+    monkeypatch.setattr(compact_layers, "IN_PLACE_NORM_MIN", 0)
+    monkeypatch.setattr(compact_layers, "NORM_SLAB", 5000)
     model, sparsity = sparse_demo(0.3)
     x = torch.randn(2, 1, 16, 32, 32)
     with torch.no_grad():

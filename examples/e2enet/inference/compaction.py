@@ -29,8 +29,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from e2enet.inference.compact_ops import CompactNode, CompactUnit, Gather, Upsample, _conv, _in_format
-from e2enet.inference.liveness import _pairs, _Planner, _Unit, _weight_masks
+from e2enet.inference.channel_liveness import ChannelLiveness, UnitPlan, active_pairs, weight_masks
+from e2enet.inference.compact_layers import (
+    CompactNode,
+    CompactUnit,
+    Gather,
+    Upsample,
+    onednn_conv,
+    to_memory_format,
+)
 from e2enet.nets.e2enet import E2ENet
 from sparsefuse.compact import LayerCompaction
 from sparsefuse.distributed import unwrap_model
@@ -58,7 +65,7 @@ class CompactE2ENet(nn.Module):
     """
 
     total_stride = E2ENet.total_stride
-    _check_input = E2ENet._check_input
+    check_input = E2ENet.check_input
 
     def __init__(
         self,
@@ -80,10 +87,10 @@ class CompactE2ENet(nn.Module):
         self.head_gather, self.head = head_gather, head
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
+        self.check_input(x)
         levels = len(self.encoder)
         grid: list[list[Tensor | None]] = [[] for _ in range(levels)]
-        h = _in_format(self.image_gather(x), self.memory_format)
+        h = to_memory_format(self.image_gather(x), self.memory_format)
         for level, units in enumerate(self.encoder):
             for unit in units:
                 h = unit(h)
@@ -94,7 +101,7 @@ class CompactE2ENet(nn.Module):
                 above = grid[i - 1][j - 1] if i > 0 else None
                 node = self.fusion[key] if key in self.fusion else None
                 grid[i].append(None if node is None else node(grid[i][j - 1], grid[i + 1][j - 1], above))
-        return _conv(self.head, self.head_gather(grid[0][levels - 1]))
+        return onednn_conv(self.head, self.head_gather(grid[0][levels - 1]))
 
 
 # ------------------------------------------------------------------------------------------------------- building
@@ -134,7 +141,7 @@ def channel_assembly(layout: list[tuple[int, int, int]], part_widths: list[int])
 
 @torch.no_grad()
 def _build_unit(
-    unit: _Unit,
+    unit: UnitPlan,
     weight_mask: Tensor,
     layout: list[tuple[int, int, int]],
     part_widths: list[int],
@@ -182,7 +189,7 @@ def _build_unit(
     return CompactUnit(small, kept_norm, act, runs, fills, getattr(conv, "shift_dim", 2), whole, memory_format)
 
 
-def _chain(units: list[_Unit], masks, first_layout, first_widths, memory_format) -> list[CompactUnit]:
+def _chain(units: list[UnitPlan], masks, first_layout, first_widths, memory_format) -> list[CompactUnit]:
     built = []
     for u, unit in enumerate(units):
         layout, widths = first_layout, first_widths
@@ -222,15 +229,15 @@ def _build_head(head: nn.Conv3d, mask: Tensor, read: Tensor, memory_format: torc
     return small
 
 
-def _plan_and_masks(model: nn.Module, sparsity) -> tuple[E2ENet, dict[str, Tensor], _Planner]:
+def _plan_and_masks(model: nn.Module, sparsity) -> tuple[E2ENet, dict[str, Tensor], ChannelLiveness]:
     model = unwrap_model(model)
     if not isinstance(model, E2ENet):
         raise TypeError(
             f"compact_e2enet takes an E2ENet (model.build_e2enet), got {type(model).__name__}; "
             f"use sparsefuse.compact for other models"
         )
-    masks = _weight_masks(model, sparsity)
-    return model, masks, _Planner(model, masks)
+    masks = weight_masks(model, sparsity)
+    return model, masks, ChannelLiveness(model, masks)
 
 
 def compact_e2enet(
@@ -249,7 +256,7 @@ def compact_e2enet(
 
     Returns:
         A :class:`CompactE2ENet` in eval mode, equal to the masked model in eval mode to float rounding: within
-        ``1e-5 * max(1, max |output|)`` in float32 (``tests/test_e2enet_compaction.py``). It traces with
+        ``1e-5 * max(1, max |output|)`` in float32 (``tests/e2enet/test_compaction.py``). It traces with
         ``torch.export`` and runs under ``torch.compile``.
 
     Saving: the structure follows from the masks alone. Save ``compacted.state_dict()`` with the masks (the
@@ -258,43 +265,43 @@ def compact_e2enet(
     granularity=...)``, then ``load_state_dict``), call ``compact_e2enet(fresh, that_sparsifier)`` and load the
     saved state dict into the result.
     """
-    model, masks, planner = _plan_and_masks(model, sparsity)
+    model, masks, liveness = _plan_and_masks(model, sparsity)
     device = model.heads[0].weight.device
     encoder = []
-    for level in range(planner.levels):
-        units = planner.encoder.get(level)
+    for level in range(liveness.levels):
+        units = liveness.encoder.get(level)
         if units is None:
             encoder.append([])
             continue
-        source = planner.image_read if level == 0 else planner.need[(level - 1, 0)]
+        source = liveness.image_read if level == 0 else liveness.need[(level - 1, 0)]
         read = units[0].in_read
         layout = [(0, int(p), int(c)) for p, c in zip(_positions(read, source), _index(read), strict=True)]
         encoder.append(_chain(units, masks, layout, [int(source.sum())], memory_format))
-    image_gather = Gather(None if planner.image_read.all() else _index(planner.image_read).to(device))
+    image_gather = Gather(None if liveness.image_read.all() else _index(liveness.image_read).to(device))
 
     fusion = {}
-    for key, plan in planner.nodes.items():
+    for key, plan in liveness.nodes.items():
         i, j = map(int, key.split("_"))
         node = model.fusion[key]
         c = model.channels[i]
-        same_at = _positions(plan.same, planner.need[(i, j - 1)])
+        same_at = _positions(plan.same, liveness.need[(i, j - 1)])
         layout = [(0, int(p), int(ch)) for p, ch in zip(same_at, _index(plan.same), strict=True)]
         layout += [(1, k, c + int(ch)) for k, ch in enumerate(_index(plan.up))]
         layout += [(2, k, 2 * c + int(ch)) for k, ch in enumerate(_index(plan.down))]
-        widths = [int(planner.need[(i, j - 1)].sum()), int(plan.up.sum()), int(plan.down.sum())]
+        widths = [int(liveness.need[(i, j - 1)].sum()), int(plan.up.sum()), int(plan.down.sum())]
         up_gather = up = down_gather = down = None
         if plan.up_read is not None:
-            up_gather = _gather(plan.up_read, planner.need[(i + 1, j - 1)], device)
+            up_gather = _gather(plan.up_read, liveness.need[(i + 1, j - 1)], device)
             up = _build_up(f"fusion.{key}.up", node.up, masks[f"fusion.{key}.up.weight"], plan.up_read, plan.up)
         if plan.down.any():
-            down_gather = _gather(plan.down, planner.need[(i - 1, j - 1)], device)
+            down_gather = _gather(plan.down, liveness.need[(i - 1, j - 1)], device)
             pool = node.down
             down = nn.MaxPool3d(pool.kernel_size, pool.stride, pool.padding, pool.dilation, ceil_mode=pool.ceil_mode)
         units = _chain(plan.units, masks, layout, widths, memory_format)
         fusion[key] = CompactNode(up_gather, up, down_gather, down, units)
 
-    head = _build_head(model.heads[0], masks["heads.0.weight"], planner.head_read, memory_format)
-    head_gather = _gather(planner.head_read, planner.need[(0, planner.levels - 1)], device)
+    head = _build_head(model.heads[0], masks["heads.0.weight"], liveness.head_read, memory_format)
+    head_gather = _gather(liveness.head_read, liveness.need[(0, liveness.levels - 1)], device)
     return CompactE2ENet(model, encoder, fusion, image_gather, head, head_gather, memory_format).eval()
 
 
@@ -306,7 +313,7 @@ def e2enet_compaction_plan(model: E2ENet, sparsity=None) -> dict[str, LayerCompa
     ``kept_out`` the channels the compacted network reads and computes. A layer nothing reads has ``kept_in ==
     kept_out == 0`` and a note saying so; so do the deep-supervision heads, which inference does not run.
     """
-    model, masks, planner = _plan_and_masks(model, sparsity)
+    model, masks, liveness = _plan_and_masks(model, sparsity)
     plan = {}
 
     def add(name: str, pairs: Tensor, kept: tuple[Tensor, Tensor] | None, note: str = "") -> None:
@@ -317,24 +324,24 @@ def e2enet_compaction_plan(model: E2ENet, sparsity=None) -> dict[str, LayerCompa
 
     unread = "not computed: nothing reads its output"
     for level, block in enumerate(model.encoder):
-        for u, unit in enumerate(planner.encoder.get(level, [None] * len(block))):
+        for u, unit in enumerate(liveness.encoder.get(level, [None] * len(block))):
             name = f"encoder.{level}.{u}.conv"
             kept = None if unit is None else (unit.in_read, unit.out_keep)
-            add(name, _pairs(masks[f"{name}.weight"]), kept, unread if unit is None else "")
+            add(name, active_pairs(masks[f"{name}.weight"]), kept, unread if unit is None else "")
     for key, node in model.fusion.items():
-        node_plan = planner.nodes.get(key)
-        up_pairs = _pairs(masks[f"fusion.{key}.up.weight"]).t()
+        node_plan = liveness.nodes.get(key)
+        up_pairs = active_pairs(masks[f"fusion.{key}.up.weight"]).t()
         up_kept = None if node_plan is None or node_plan.up_read is None else (node_plan.up_read, node_plan.up)
         add(f"fusion.{key}.up", up_pairs, up_kept, unread if up_kept is None else "")
         for u in range(len(node.convs)):
             name = f"fusion.{key}.convs.{u}.conv"
             unit = None if node_plan is None else node_plan.units[u]
             kept = None if unit is None else (unit.in_read, unit.out_keep)
-            add(name, _pairs(masks[f"{name}.weight"]), kept, unread if unit is None else "")
+            add(name, active_pairs(masks[f"{name}.weight"]), kept, unread if unit is None else "")
     for k, head in enumerate(model.heads):
-        pairs = _pairs(masks[f"heads.{k}.weight"])
+        pairs = active_pairs(masks[f"heads.{k}.weight"])
         if k == 0:
-            add("heads.0", pairs, (planner.head_read, torch.ones(head.out_channels, dtype=torch.bool)))
+            add("heads.0", pairs, (liveness.head_read, torch.ones(head.out_channels, dtype=torch.bool)))
         else:
             add(f"heads.{k}", pairs, None, "deep-supervision head: not run at inference")
     return plan

@@ -354,7 +354,9 @@ class E2ENet(nn.Module):
         """Product of all strides per axis: every input dim must be a multiple of it."""
         return stride_product(self.strides)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the fix unless ``x`` is (B, in_channels, D, H, W) with every dim a multiple of
+        :attr:`total_stride` and more than one voxel at the bottleneck."""
         if x.dim() != 5 or x.size(1) != self.in_channels:
             raise ValueError(
                 f"E2ENet expects input (B, {self.in_channels}, D, H, W) (in_channels={self.in_channels}), "
@@ -378,7 +380,7 @@ class E2ENet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """(B, in_channels, D, H, W) -> logits; see the class docstring for the training list."""
-        self._check_input(x)
+        self.check_input(x)
         levels = len(self.encoder)
         # grid[i][j] = x(i, j); grid[i][0] is the encoder output of level i.
         grid: list[list[torch.Tensor]] = [[] for _ in range(levels)]

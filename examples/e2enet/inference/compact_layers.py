@@ -1,12 +1,25 @@
-"""The fast CPU building blocks of a compacted E2ENet (:mod:`compaction`): direct oneDNN convs, the in-place
-instance norm, upsampling as a matrix product and a pixel shuffle, channel gathers, the channel-run copy that
-assembles a conv's shifted input, and the compact unit and node modules.
+"""The layers a compacted E2ENet (:mod:`compaction`) is built from, and their fast CPU kernels: direct oneDNN convs,
+the in-place instance norm, upsampling as a matrix product and a pixel shuffle, channel gathers, the channel-run copy
+that assembles a conv's shifted input, and the compact unit and node modules.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+__all__ = [
+    "CompactNode",
+    "CompactUnit",
+    "Fill",
+    "Gather",
+    "Run",
+    "Upsample",
+    "copy_runs",
+    "instance_norm_in_place",
+    "onednn_conv",
+    "to_memory_format",
+]
 
 # (source part, first source channel, channel count, first destination channel, shift)
 Run = tuple[int, int, int, int, int]
@@ -23,7 +36,7 @@ def _is_channels_last(x: Tensor) -> bool:
     return x.dim() == 5 and x.stride(1) == 1 and x.shape[1] > 1
 
 
-def _in_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``x`` laid out in ``memory_format``, with explicit channels-last strides even for one channel (which
     ``contiguous`` leaves as they are), so oneDNN gives a channels-last output for it too."""
     if memory_format == torch.channels_last_3d:
@@ -83,7 +96,8 @@ def copy_runs(
     return out
 
 
-def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+def onednn_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
+    """``conv(x)``; in eager float32 on the CPU through oneDNN directly."""
     # On CPU, torch sends thin convs (batch * channels * D * H <= 20480, e.g. 5 input channels at 64^3) and 1x1x1
     # convs on channels_last_3d input to an im2col path: 1.4x-14x slower than oneDNN here. Call oneDNN directly,
     # except while torch.export / torch.compile trace (their graphs keep the portable convolution op).
@@ -93,7 +107,7 @@ def _conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
     return conv(x)
 
 
-def _instance_norm(norm: nn.InstanceNorm3d, x: Tensor) -> Tensor:
+def instance_norm_in_place(norm: nn.InstanceNorm3d, x: Tensor) -> Tensor:
     """``norm(x)``, written over ``x`` (a conv output nothing else holds) when ``x`` is large.
 
     Writing in place saves allocating a new full-size tensor (fresh memory costs page faults: a 50 MB copy into
@@ -210,7 +224,7 @@ class CompactUnit(nn.Module):
             x = copy_runs(list(parts), self.runs, self.fills, self.conv.in_channels, self.shift_dim, self.memory_format)
         else:
             x = parts[self.whole]
-        return self.act(_instance_norm(self.norm, _conv(self.conv, x)))
+        return self.act(instance_norm_in_place(self.norm, onednn_conv(self.conv, x)))
 
     def extra_repr(self) -> str:
         how = f"part {self.whole} as it is" if self.whole is not None else f"{len(self.runs)} channel runs copied"
