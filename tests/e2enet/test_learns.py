@@ -15,7 +15,8 @@ import torch
 from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
 from e2enet.inference import predict
-from e2enet.training import train
+from e2enet.training.config import make_config
+from e2enet.training.train import train
 
 MDICE_FLOOR = 0.50
 CLASS_FLOOR = 0.05
@@ -26,10 +27,8 @@ def test_cpu_demo_recipe_learns_every_class(tmp_path):
     run = tmp_path / "run"
     threads = torch.get_num_threads()
     try:
-        train.main(
-            ["--data", str(raw), "--out", str(run), "--fold", "all", "--density", "1.0", "--epochs", "12"]
-            + ["--iters-per-epoch", "25", "--val-iters", "1", "--threads", "1", "--no-progress"]
-        )
+        budget = dict(epochs=12, iters_per_epoch=25, val_iters=1)
+        train(make_config(data=raw, out=run, fold="all", density=1.0, **budget, threads=1, progress=False))
     finally:
         torch.set_num_threads(threads)
     predict.main(["--model", str(run), "--input", str(raw / "imagesTs"), "--output", str(tmp_path / "pred")])

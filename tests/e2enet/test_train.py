@@ -20,7 +20,7 @@ from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
 from e2enet.experiments import compare
 from e2enet.inference import predict
-from e2enet.training import checkpoint, train
+from e2enet.training import checkpoint, cli, train
 from e2enet.training import config as run_settings
 from e2enet.training.config import make_config
 
@@ -191,7 +191,7 @@ def test_a_checkpoint_of_an_earlier_version_is_refused_with_a_way_out(finished_r
 def test_every_setting_is_a_flag_and_part_of_the_run_identity_unless_declared_otherwise():
     """The config is the one list of settings: the parser offers each, and resume compares each that defines the
     run, so a new setting cannot be forgotten in either place."""
-    parser_dests = {action.dest for action in train.build_parser()._actions}
+    parser_dests = {action.dest for action in cli.build_parser()._actions}
     assert set(run_settings.SETTINGS) <= parser_dests
     record = run_settings.settings_of(make_config(data=Path("d"), out=Path("o"), density=0.1))
     assert set(run_settings.identity_keys(record)) == set(run_settings.SETTINGS) - set(run_settings.RUN_ONLY)
@@ -481,6 +481,7 @@ def test_compare_reports_mean_and_spread_over_seeds_under_one_recipe(dataset, tm
             assert config["lr"] == 0.02 and config["seed"] == seed
     assert json.loads((workdir / "rows.json").read_text())["rows"][0]["name"] == settings[0]
     assert (workdir / "learning_curves.png").stat().st_size > 0
+    assert (workdir / "dice_over_time.png").stat().st_size > 0
 
 
 def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
@@ -522,5 +523,5 @@ def test_validation_loss_is_finite_when_autocast_gives_float16_logits():
 )
 def test_topology_update_rules_follow_the_preset_and_density_unless_given(tmp_path, preset, density, flags, rules):
     argv = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", preset, "--density", density]
-    updates = train.parse_config([*argv, *flags]).sparsity.updates
+    updates = cli.parse_config([*argv, *flags]).sparsity.updates
     assert (updates.drop_fraction, updates.update_until) == rules

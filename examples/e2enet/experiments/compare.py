@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from e2enet.evaluation import evaluate
 from e2enet.experiments import accounting
 from e2enet.inference import predict
 from e2enet.training.config import RunConfig, as_flags, make_config
-from e2enet.training.plots import plot_learning_curves
+from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
 from e2enet.training.train import train
 
 INPUT_CHANNEL_ERK_01 = dict(density=0.1, granularity="input_channel", distribution="erk")
@@ -197,12 +196,20 @@ def main(argv=None) -> list[dict]:
         for seed in range(args.seeds):
             out = args.workdir / folder_name(name) / f"seed_{seed}"
             config = make_config(
-                data=dataset, out=out, preset=args.preset, **SETTINGS[name], **budget, seed=seed, resume=True
+                data=dataset,
+                out=out,
+                preset=args.preset,
+                **SETTINGS[name],
+                **budget,
+                seed=seed,
+                resume=True,
+                progress=False,
             )
-            runs.append(run_setting(name, replace(config, progress=False)))
+            runs.append(run_setting(name, config))
         rows.append(summarise(runs))
     references = add_pt_scores(rows)
     plot_learning_curves(rows, args.workdir / "learning_curves.png")
+    plot_dice_over_time(rows, args.workdir / "dice_over_time.png")
     machine = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
@@ -211,7 +218,7 @@ def main(argv=None) -> list[dict]:
         f"{'x'.join(map(str, rows[0]['patch']))}, seeds {rows[0]['seeds']}, {dataset.name}; {machine}\n"
     )
     print(format_rows(rows))
-    print(f"\nlearning curves: {args.workdir / 'learning_curves.png'}")
+    print(f"\nlearning curves: {args.workdir / 'learning_curves.png'}, {args.workdir / 'dice_over_time.png'}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "references": references, "machine": machine}, indent=1))
     return rows

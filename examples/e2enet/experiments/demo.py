@@ -14,13 +14,12 @@ interrupted runs (``--resume``). One seed: for mean ± std over seeds run compar
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 from e2enet.dataset import mni as prepare_mni
 from e2enet.experiments.compare import SETTINGS, add_pt_scores, folder_name, format_rows, run_setting, summarise
 from e2enet.training.config import make_config
-from e2enet.training.plots import plot_learning_curves
+from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
 
 
 def main(argv=None) -> list[dict]:
@@ -45,11 +44,14 @@ def main(argv=None) -> list[dict]:
     rows = []
     for name, settings_of_row in settings:
         out = args.workdir / folder_name(name)
-        config = make_config(data=dataset, out=out, **settings_of_row, **budget, resume=True)
-        run = run_setting(name, replace(config, progress=not args.no_progress))
+        config = make_config(
+            data=dataset, out=out, **settings_of_row, **budget, resume=True, progress=not args.no_progress
+        )
+        run = run_setting(name, config)
         rows.append(summarise([run]))
     add_pt_scores(rows)
     plot_learning_curves(rows, args.workdir / "learning_curves.png")
+    plot_dice_over_time(rows, args.workdir / "dice_over_time.png")
     patch = "x".join(map(str, rows[0]["patch"]))
     print(
         f"\nE2ENet demo: Dice on the held-out test cases, {rows[0]['iterations']} iterations per model, one seed; "
@@ -59,5 +61,5 @@ def main(argv=None) -> list[dict]:
     never = {r["name"]: r["classes_never_learnt"] for r in rows if r["classes_never_learnt"]}
     if never:
         print(f"\nclasses below Dice 0.05: {never}")
-    print(f"\nlearning curves: {args.workdir / 'learning_curves.png'}")
+    print(f"\nlearning curves: {args.workdir / 'learning_curves.png'}, {args.workdir / 'dice_over_time.png'}")
     return rows

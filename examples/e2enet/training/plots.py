@@ -134,3 +134,29 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def plot_dice_over_time(rows: list[dict], path: Path) -> None:
+    """Validation pseudo-Dice against training seconds (epochs include their validation), mean over seeds, one line
+    per setting, with the held-out test mDice at the end: accuracy at equal wall-clock time, not only at equal
+    iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        logs = [run["log"] for run in row["runs"]]
+        epochs = min(len(log) for log in logs)
+        seconds = np.array([np.cumsum([log[e]["seconds"] for e in range(epochs)]) for log in logs]).mean(0)
+        dice = np.array([[log[e]["pseudo_dice"] for e in range(epochs)] for log in logs]).mean(0)
+        (line,) = ax.plot(seconds, dice, label=row["name"])
+        ax.plot(seconds[-1], row["mdice"], marker="*", markersize=12, color=line.get_color())
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation pseudo-Dice; star: test mDice")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"Accuracy against training time, mean over {len(rows[0]['runs'])} seed(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
