@@ -171,6 +171,62 @@ def _labels_in_references(references: Mapping[str, Path]) -> dict[str, int]:
     return {str(v): v for v in sorted(values - {0})}
 
 
+def _matched_cases(
+    ref_dir: Path, pred_dir: Path, allow_missing: bool
+) -> tuple[dict[str, Path], dict[str, Path], list[str], list[str]]:
+    """(references, predictions, cases without a prediction, predictions without a reference), {case: file}."""
+    references, predictions = _case_files(ref_dir, "reference"), _case_files(pred_dir, "prediction")
+    if not references:
+        raise Problem(f"no {FILE_ENDING} files in reference folder {ref_dir}; pass the folder of reference label maps")
+    missing = sorted(set(references) - set(predictions))
+    unmatched = sorted(set(predictions) - set(references))
+    if missing and not allow_missing:
+        hint = f"; unmatched prediction files {unmatched[:5]} suggest a naming mismatch" if unmatched else ""
+        raise Problem(
+            f"no prediction for case(s) {missing} in {pred_dir} (expected {missing[0]}{FILE_ENDING}){hint}; "
+            "predict them, or pass --allow-missing to score them as empty predictions"
+        )
+    return references, predictions, missing, unmatched
+
+
+def _scored_classes(
+    labels: LabelSpec | None, dataset_json: Path | str | None, references: Mapping[str, Path]
+) -> dict[str, int | list[int]]:
+    if dataset_json is not None:
+        return labels_from_dataset_json(dataset_json)
+    if labels is not None:
+        return normalise_labels(labels)
+    return normalise_labels(_labels_in_references(references))
+
+
+def _read_case(case: str, ref_path: Path, pred_path: Path | None) -> tuple[nib.Nifti1Image, np.ndarray, np.ndarray]:
+    """(reference image, reference labels, predicted labels on its grid; all background without a prediction)."""
+    ref_image = _load_label_map(ref_path, "reference", case)
+    ref = _label_array(ref_image, "reference", case)
+    if pred_path is None:
+        return ref_image, ref, np.zeros_like(ref)
+    pred_image = _load_label_map(pred_path, "prediction", case)
+    _check_same_grid(ref_image, pred_image, case)
+    return ref_image, ref, _label_array(pred_image, "prediction", case)
+
+
+def _means(per_case: list[dict], classes: Mapping[str, int | list[int]]) -> tuple[dict, dict]:
+    """(per-class means over the cases, the foreground mean over the per-class means), with their counts."""
+    per_class_mean = {}
+    for name in classes:
+        entries = [c["classes"][name] for c in per_case]
+        per_class_mean[name] = {
+            **{m: mean_of([e[m] for e in entries]) for m in METRICS},
+            "n_scored": {m: sum(e[m] is not None for e in entries) for m in METRICS},
+            "counts": {s: sum(e["status"] == s for e in entries) for s in STATUSES},
+        }
+    mean = {
+        **{m: mean_of([c[m] for c in per_class_mean.values()]) for m in METRICS},
+        "counts": {s: sum(c["counts"][s] for c in per_class_mean.values()) for s in STATUSES},
+    }
+    return per_class_mean, mean
+
+
 def evaluate_folders(
     ref_dir: Path | str,
     pred_dir: Path | str,
@@ -189,44 +245,21 @@ def evaluate_folders(
     ref_dir, pred_dir = Path(ref_dir), Path(pred_dir)
     if labels is not None and dataset_json is not None:
         raise Problem("give labels or dataset_json, not both")
-    references, predictions = _case_files(ref_dir, "reference"), _case_files(pred_dir, "prediction")
-    if not references:
-        raise Problem(f"no {FILE_ENDING} files in reference folder {ref_dir}; pass the folder of reference label maps")
-    missing = sorted(set(references) - set(predictions))
-    unmatched = sorted(set(predictions) - set(references))
-    if missing and not allow_missing:
-        hint = f"; unmatched prediction files {unmatched[:5]} suggest a naming mismatch" if unmatched else ""
-        raise Problem(
-            f"no prediction for case(s) {missing} in {pred_dir} (expected {missing[0]}{FILE_ENDING}){hint}; "
-            "predict them, or pass --allow-missing to score them as empty predictions"
-        )
-
-    if dataset_json is not None:
-        classes = labels_from_dataset_json(dataset_json)
-    elif labels is not None:
-        classes = normalise_labels(labels)
-    else:
-        classes = normalise_labels(_labels_in_references(references))
+    references, predictions, missing, unmatched = _matched_cases(ref_dir, pred_dir, allow_missing)
+    classes = _scored_classes(labels, dataset_json, references)
 
     scored_values = {v for value in classes.values() for v in (value if isinstance(value, list) else [value])}
     per_case, unscored = [], {}
     for case, ref_path in references.items():
-        ref_image = _load_label_map(ref_path, "reference", case)
-        ref = _label_array(ref_image, "reference", case)
-        if case in predictions:
-            pred_image = _load_label_map(predictions[case], "prediction", case)
-            _check_same_grid(ref_image, pred_image, case)
-            pred = _label_array(pred_image, "prediction", case)
-            extra = sorted(set(np.unique(pred).tolist()) - scored_values - {0})
-            if extra:
-                unscored[case] = extra
-                warnings.warn(
-                    f"{case}: predicted label(s) {extra} are none of the scored classes {sorted(scored_values)} and "
-                    "are not scored; score every class (--labels, --dataset-json) or check the prediction",
-                    stacklevel=2,
-                )
-        else:
-            pred = np.zeros_like(ref)
+        ref_image, ref, pred = _read_case(case, ref_path, predictions.get(case))
+        extra = sorted(set(np.unique(pred).tolist()) - scored_values - {0})
+        if extra:
+            unscored[case] = extra
+            warnings.warn(
+                f"{case}: predicted label(s) {extra} are none of the scored classes {sorted(scored_values)} and "
+                "are not scored; score every class (--labels, --dataset-json) or check the prediction",
+                stacklevel=2,
+            )
         spacing = [from_float32(z) for z in ref_image.header.get_zooms()[:3]]
         scores = evaluate_arrays(ref, pred, spacing, classes, nsd_tolerance_mm)
         per_case.append(
@@ -241,18 +274,7 @@ def evaluate_folders(
             }
         )
 
-    per_class_mean = {}
-    for name in classes:
-        entries = [c["classes"][name] for c in per_case]
-        per_class_mean[name] = {
-            **{m: mean_of([e[m] for e in entries]) for m in METRICS},
-            "n_scored": {m: sum(e[m] is not None for e in entries) for m in METRICS},
-            "counts": {s: sum(e["status"] == s for e in entries) for s in STATUSES},
-        }
-    mean = {
-        **{m: mean_of([c[m] for c in per_class_mean.values()]) for m in METRICS},
-        "counts": {s: sum(c["counts"][s] for c in per_class_mean.values()) for s in STATUSES},
-    }
+    per_class_mean, mean = _means(per_case, classes)
     return {
         "per_case": per_case,
         "per_class_mean": per_class_mean,
