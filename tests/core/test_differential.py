@@ -1,4 +1,4 @@
-"""Differential tests against the real anchor packages (issue 4, item 5).
+"""Differential tests against the real anchor packages: rigl-torch and sparsimony.
 
 Anchors, each skipped with a message when it is not installed, except under ``CI=true`` (``.ci/run``), where a
 missing anchor fails the test: a CI run that silently skipped every comparison would check nothing.

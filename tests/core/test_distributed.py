@@ -1,4 +1,4 @@
-"""DynamicSparsity under DistributedDataParallel (issue 4): two gloo ranks on CPU, each on its shard of the global
+"""DynamicSparsity under DistributedDataParallel: two gloo ranks on CPU, each on its shard of the global
 batch, end with identical masks and weights, the same masks (and weights up to all-reduce rounding) as one process
 training on the whole global batch, and verify() catches ranks that drifted apart."""
 

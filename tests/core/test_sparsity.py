@@ -1,4 +1,4 @@
-"""Property tests of DynamicSparsity's invariants (issue 2, invariants 1-6 and 8) and its error messages."""
+"""Property tests of DynamicSparsity's invariants (mask counts, drop = grow, zeroed weights, resume) and its errors."""
 
 from __future__ import annotations
 

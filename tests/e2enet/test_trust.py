@@ -1,4 +1,4 @@
-"""A pipeline that never lies (issue 8): every way the E2ENet example could quietly corrupt a run, train on broken
+"""A pipeline that never lies: every way the E2ENet example could quietly corrupt a run, train on broken
 data, reuse a stale prediction or hide a problem under a traceback, each pinned by a test.
 
 Tiny data throughout: the MNI dataset at 5 mm (about 35 x 44 x 27 voxels), one-epoch runs of two iterations, and
