@@ -27,41 +27,57 @@ SECTION = re.compile(r"^(options|optional arguments|positional arguments):$", re
 
 @dataclass(frozen=True)
 class Command:
-    script: str  # what users type: python examples/e2enet/<script>
-    module: str  # python -m <module>; its main(argv) parses argv
+    script: str  # what users type: python examples/e2enet/<script>, or python -m e2enet.<stem>
     subcommands: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        """The script as a module of the installed package; it re-exports the command's ``main(argv)``."""
+        return "e2enet." + self.script.removesuffix(".py")
 
 
 COMMANDS = {
-    "train": Command("train.py", "e2enet.training.train"),
-    "predict": Command("predict.py", "e2enet.inference.predict"),
-    "evaluate": Command("evaluate.py", "e2enet.evaluation.evaluate"),
-    "data": Command("data.py", "e2enet.dataset.cli", ("verify", "convert-msd", "plan", "sample")),
-    "prepare_mni": Command("prepare_mni.py", "e2enet.dataset.mni"),
-    "export_onnx": Command("export_onnx.py", "e2enet.inference.onnx_export"),
-    "accounting": Command("accounting.py", "e2enet.experiments.accounting"),
-    "compare": Command("compare.py", "e2enet.experiments.compare"),
-    "demo": Command("demo.py", "e2enet.experiments.demo"),
+    "train": Command("train.py"),
+    "predict": Command("predict.py"),
+    "evaluate": Command("evaluate.py"),
+    "data": Command("data.py", ("verify", "convert-msd", "plan", "sample")),
+    "prepare_mni": Command("prepare_mni.py"),
+    "export_onnx": Command("export_onnx.py"),
+    "accounting": Command("accounting.py"),
+    "compare": Command("compare.py"),
+    "demo": Command("demo.py"),
 }
+
+
+def command_main(command: Command):
+    """The command's ``main``, or a build error naming the module that failed to import."""
+    try:
+        module = importlib.import_module(command.module)
+    except Exception as error:  # any import failure: say which command, and what to do about it
+        fix = (
+            'install the project with its examples extra where mkdocs runs: pip install -e ".[examples,docs]"'
+            if isinstance(error, ModuleNotFoundError)
+            else "fix the import error"
+        )
+        raise PluginError(
+            f"CLI reference: cannot import {command.module} for the {command.script} section "
+            f"({type(error).__name__}: {error}); the docs build imports every command: {fix}"
+        ) from error
+    if not callable(getattr(module, "main", None)):
+        raise PluginError(f"CLI reference: {command.module} has no main(argv) to ask for --help")
+    return module.main
 
 
 def help_text(command: Command, argv: list[str]) -> str:
     """What ``python examples/e2enet/<script> <argv> --help`` prints, wrapped at WIDTH columns."""
-    try:
-        module = importlib.import_module(command.module)
-    except Exception as error:  # any import failure: say which command and how to fix the environment
-        raise PluginError(
-            f"CLI reference: cannot import {command.module} ({type(error).__name__}: {error}). The docs build "
-            "imports every command module; install the project with its examples extra in the environment that "
-            'runs mkdocs (pip install -e ".[examples,docs]")'
-        ) from error
+    main = command_main(command)
     saved_argv0, saved_columns = sys.argv[0], os.environ.get("COLUMNS")
     sys.argv[0] = command.script  # argparse names the program after argv[0]
     os.environ["COLUMNS"] = str(WIDTH)
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()) as err:
-            module.main([*argv, "--help"])
+            main([*argv, "--help"])
     except SystemExit as stop:
         if stop.code not in (0, None):
             raise PluginError(
@@ -69,7 +85,7 @@ def help_text(command: Command, argv: list[str]) -> str:
                 f"{err.getvalue().strip()}"
             ) from None
     else:
-        raise PluginError(f"CLI reference: {command.module}.main({[*argv, '--help']}) returned instead of printing help")
+        raise PluginError(f"CLI reference: {command.module}.main({[*argv, '--help']}) returned without printing help")
     finally:
         sys.argv[0] = saved_argv0
         if saved_columns is None:
@@ -99,7 +115,11 @@ def section(name: str) -> str:
     if name not in COMMANDS:
         raise PluginError(f"CLI reference: {PAGE} names an unknown command {name!r}; known: {sorted(COMMANDS)}")
     command = COMMANDS[name]
-    lines = [render(help_text(command, []))]
+    where = command_main(command).__module__
+    lines = [
+        f"`python examples/e2enet/{command.script}`, or `python -m {command.module}`; implemented in `{where}`.",
+        render(help_text(command, [])),
+    ]
     for sub in command.subcommands:
         lines.append(f"### {command.script} {sub}\n\n`python examples/e2enet/{command.script} {sub} ...`")
         lines.append(render(help_text(command, [sub])))
