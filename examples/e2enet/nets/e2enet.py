@@ -96,6 +96,46 @@ def stride_product(strides: Sequence[int | Sequence[int]]) -> Stride:
     return tuple(total)
 
 
+def _pool_strides(strides: Sequence[int | Sequence[int]] | None, num_pools: int) -> tuple[Stride, ...]:
+    """``strides`` as num_pools (D, H, W) tuples; None: all (2, 2, 2)."""
+    if strides is None:
+        strides = [(2, 2, 2)] * num_pools
+    if len(strides) != num_pools:
+        raise ValueError(f"strides must have num_pools={num_pools} entries, got {len(strides)}: {strides!r}")
+    return tuple(_as_stride(s, k) for k, s in enumerate(strides))
+
+
+def _unit_settings(
+    shift: bool, shift_groups: int, shift_dim: int, min_shift_group_channels: int, stem: str, downsampling: str
+) -> tuple[dict, dict, dict]:
+    """The checked :class:`ConvUnit` keyword arguments of (every other unit, the stem, the strided first unit of
+    each level below the first), from E2ENet's arguments of the same names."""
+    positive_int("shift_groups", shift_groups)
+    if downsampling == "shift" and shift_groups == 1:
+        raise ValueError('downsampling="shift" needs shift_groups > 1 (the groups its strided convs shift)')
+    strided_shift_groups = shift_groups  # downsampling="shift" shifts the strided convs even without the shift
+    if not shift:
+        shift_groups = 1
+    positive_int("min_shift_group_channels", min_shift_group_channels)
+    if shift_dim not in (2, 3, 4):
+        raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
+    if downsampling not in DOWNSAMPLINGS:
+        raise ValueError(
+            f"downsampling must be one of {DOWNSAMPLINGS} (the strided first unit of each encoder level), "
+            f"got {downsampling!r}"
+        )
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS} (the conv that reads the image), got {stem!r}")
+    unit = dict(shift_groups=shift_groups, shift_dim=shift_dim, min_shift_group_channels=min_shift_group_channels)
+    stem_unit = {**unit, "shift_groups": 1 if stem == "plain" else shift_groups, "full_kernel": stem == "full"}
+    strided_unit = {
+        **unit,
+        "shift_groups": strided_shift_groups if downsampling == "shift" else shift_groups,
+        "full_kernel": downsampling == "full",
+    }
+    return unit, stem_unit, strided_unit
+
+
 class ConvUnit(nn.Module):
     """(Depth-shift) conv -> InstanceNorm3d -> LeakyReLU, the authors' basic block.
 
@@ -270,59 +310,48 @@ class E2ENet(nn.Module):
         positive_int("encoder_units", encoder_units)
         positive_int("fusion_units", fusion_units)
         positive_int("last_diagonal_units", last_diagonal_units)
-        if strides is None:
-            strides = [(2, 2, 2)] * num_pools
-        if len(strides) != num_pools:
-            raise ValueError(f"strides must have num_pools={num_pools} entries, got {len(strides)}: {strides!r}")
-        self.strides: tuple[Stride, ...] = tuple(_as_stride(s, k) for k, s in enumerate(strides))
-        positive_int("shift_groups", shift_groups)
-        if downsampling == "shift" and shift_groups == 1:
-            raise ValueError('downsampling="shift" needs shift_groups > 1 (the groups its strided convs shift)')
-        strided_shift_groups = shift_groups  # downsampling="shift" shifts the strided convs even without the shift
-        if not shift:
-            shift_groups = 1
-        positive_int("min_shift_group_channels", min_shift_group_channels)
-        if shift_dim not in (2, 3, 4):
-            raise ValueError(f"shift_dim must be 2 (depth), 3 (height) or 4 (width), got {shift_dim!r}")
-        if downsampling not in DOWNSAMPLINGS:
-            raise ValueError(
-                f"downsampling must be one of {DOWNSAMPLINGS} (the strided first unit of each encoder level), "
-                f"got {downsampling!r}"
-            )
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS} (the conv that reads the image), got {stem!r}")
+        self.strides: tuple[Stride, ...] = _pool_strides(strides, num_pools)
+        unit, stem_unit, strided_unit = _unit_settings(
+            shift, shift_groups, shift_dim, min_shift_group_channels, stem, downsampling
+        )
 
         levels = num_pools + 1
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
         self.channels: tuple[int, ...] = tuple(min(base_channels * 2**i, max_channels) for i in range(levels))
-        c = self.channels
-        unit = dict(shift_groups=shift_groups, shift_dim=shift_dim, min_shift_group_channels=min_shift_group_channels)
-        stem_unit = {**unit, "shift_groups": 1 if stem == "plain" else shift_groups, "full_kernel": stem == "full"}
-        strided_unit = {
-            **unit,
-            "shift_groups": strided_shift_groups if downsampling == "shift" else shift_groups,
-            "full_kernel": downsampling == "full",
-        }
+        self.encoder = self._build_encoder(encoder_units, unit, stem_unit, strided_unit)
+        self.fusion = self._build_fusion(fusion_units, last_diagonal_units, unit)
+        num_heads = levels - 2 if deep_supervision else 1
+        self.heads = nn.ModuleList(
+            nn.Conv3d(self.channels[k], num_classes, 1, bias=head_bias) for k in range(num_heads)
+        )
+        self._init_weights()
 
-        self.encoder = nn.ModuleList(
+    def _build_encoder(self, units: int, unit: dict, stem_unit: dict, strided_unit: dict) -> nn.ModuleList:
+        """``units`` conv units per level; the first unit of level 0 is the stem, that of any other level strided."""
+        c = self.channels
+        return nn.ModuleList(
             nn.Sequential(
                 *(
                     ConvUnit(
-                        (in_channels if level == 0 else c[level - 1]) if u == 0 else c[level],
+                        (self.in_channels if level == 0 else c[level - 1]) if u == 0 else c[level],
                         c[level],
                         stride=self.strides[level - 1] if (u == 0 and level > 0) else (1, 1, 1),
                         **(stem_unit if level == 0 and u == 0 else strided_unit if u == 0 else unit),
                     )
-                    for u in range(encoder_units)
+                    for u in range(units)
                 )
             )
-            for level in range(levels)
+            for level in range(len(c))
         )
-        self.fusion = nn.ModuleDict()
+
+    def _build_fusion(self, fusion_units: int, last_diagonal_units: int, unit: dict) -> nn.ModuleDict:
+        """The fusion nodes ``"i_j"``, in the authors' compute order."""
+        c, levels = self.channels, len(self.channels)
+        fusion = nn.ModuleDict()
         for i, j in self._node_order(levels):
-            self.fusion[f"{i}_{j}"] = FusionNode(
+            fusion[f"{i}_{j}"] = FusionNode(
                 c_prev=c[i - 1] if i > 0 else None,
                 c_here=c[i],
                 c_next=c[i + 1],
@@ -331,9 +360,7 @@ class E2ENet(nn.Module):
                 units=last_diagonal_units if i + j == levels - 1 else fusion_units,
                 **unit,
             )
-        num_heads = levels - 2 if deep_supervision else 1
-        self.heads = nn.ModuleList(nn.Conv3d(c[k], num_classes, 1, bias=head_bias) for k in range(num_heads))
-        self._init_weights()
+        return fusion
 
     @staticmethod
     def _node_order(levels: int) -> list[tuple[int, int]]:
