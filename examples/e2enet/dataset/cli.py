@@ -6,11 +6,11 @@
         [--patch-budget 262144] [--patch-size X Y Z] [--batch-size B] [--plan-only] [--no-verify]
     python examples/e2enet/data.py sample --preprocessed PREPROCESSED_DIR [--fold 0] [--batches 20]
 
-The steps live in their own modules, along nnU-Net v2's seams: ``dataset.py`` (raw layout, dataset.json,
-reading NIfTI files, MSD conversion), ``verify.py`` (every problem of a dataset at once), ``planning.py``
-(fingerprint, plans, splits, and ``plan_and_preprocess``, the whole pipeline), ``preprocessing.py`` (crop,
-normalise, resample, the cache) and ``loader.py`` (patches, augmentation, ``TrainLoader``). A problem with the
-data is one ``error: ...`` line and exit status 2.
+The steps live in their own modules, along nnU-Net v2's seams: ``dataset/layout.py`` (raw layout, dataset.json,
+reading NIfTI files, MSD conversion), ``dataset/verify.py`` (every problem of a dataset at once),
+``preprocessing/planning.py`` (fingerprint, plans, splits, and ``plan_and_preprocess``, the whole pipeline),
+``preprocessing/preprocess.py`` (crop, normalise, resample, the cache) and ``training/loader.py`` (patches,
+augmentation, ``TrainLoader``). A problem with the data is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations

@@ -58,16 +58,20 @@ def problem_list(problems: Sequence[str]) -> str:
     return "\n".join(f"  - {p}" for p in problems)
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Problem(f"{path} is not valid JSON ({error}); fix the file") from error
+
+
 def read_dataset_json(dataset_dir: Path | str) -> dict:
     """Read and sanity-check ``dataset.json`` (v2 keys and their types); raise a Problem naming what to fix."""
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / "dataset.json"
     if not path.is_file():
         raise Problem(f"{path} not found: a dataset folder needs dataset.json (nnU-Net v2 layout)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise Problem(f"{path} is not valid JSON ({error}); fix the file") from error
+    meta = _read_json(path)
     if not isinstance(meta, dict):
         raise Problem(f"{path} holds a {type(meta).__name__}, not an object with {list(REQUIRED_KEYS)}")
     if "modality" in meta and "channel_names" not in meta:
@@ -258,10 +262,7 @@ def convert_msd_dataset(task_dir: Path | str, output_root: Path | str, dataset_i
     meta_path = task_dir / "dataset.json"
     if not meta_path.is_file():
         raise Problem(f"{meta_path} not found; pass the MSD task folder (e.g. Task04_Hippocampus)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise Problem(f"{meta_path} is not valid JSON ({error}); fix the file") from error
+    meta = _read_json(meta_path)
     if "modality" not in meta or "training" not in meta:
         raise Problem(f"{meta_path} has no 'modality'/'training': not an MSD (v1) dataset.json")
     match = re.match(r"^Task(\d+)_(.+)$", task_dir.name)

@@ -3,9 +3,9 @@
 1. :func:`extract_fingerprint`: spacings, shapes after cropping to the non-zero region, and foreground intensity
    statistics per channel (mean, std, 0.5/99.5 percentiles) from up to 10,000 sampled foreground voxels per case.
 2. :func:`plan_experiment`: target spacing = median spacing; normalisation by channel name (``CT``:
-   :class:`~preprocessing.CTNormalization` with the dataset's foreground statistics; anything else:
-   :class:`~preprocessing.ZScoreNormalization`, inside the non-zero mask when cropping removed more than a quarter
-   of the median image); patch = median shape rounded up to the network's total stride, shrunk one stride at a
+   :class:`~preprocess.CTNormalization` with the dataset's foreground statistics; anything else:
+   :class:`~preprocess.ZScoreNormalization`, inside the non-zero mask when cropping removed more than a quarter of
+   the median image); patch = median shape rounded up to the network's total stride, shrunk one stride at a
    time until it fits the voxel budget; batch size from a batch voxel budget (at least 2, at most 5 % of the
    dataset's voxels, as nnU-Net). The result, :class:`Plans`, is saved as ``plans.json``.
 3. :func:`get_splits`: 5-fold ``KFold(shuffle=True, random_state=12345)`` over the sorted case ids, saved as
