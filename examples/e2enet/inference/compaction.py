@@ -140,6 +140,28 @@ def channel_assembly(layout: list[tuple[int, int, int]], part_widths: list[int])
 
 
 @torch.no_grad()
+def _conv_like(conv: nn.Conv3d, weight: Tensor, bias: Tensor | None, memory_format: torch.memory_format) -> nn.Conv3d:
+    """A Conv3d with ``conv``'s kernel, stride, padding and dilation holding ``weight`` (out, in, *kernel), its
+    layout ``memory_format``, and ``bias``."""
+    small = nn.Conv3d(
+        weight.shape[1],
+        weight.shape[0],
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    small.weight.copy_(weight)
+    small.weight.data = small.weight.data.contiguous(memory_format=memory_format)
+    if bias is not None:
+        small.bias.copy_(bias)
+    return small
+
+
+@torch.no_grad()
 def _build_unit(
     unit: UnitPlan,
     weight_mask: Tensor,
@@ -153,21 +175,7 @@ def _build_unit(
     out_index = _index(unit.out_keep).to(device)
     in_full = torch.tensor([full for _, _, full in layout], dtype=torch.long)
     weight = (conv.weight * weight_mask.to(device))[out_index][:, in_full.to(device)]
-    small = nn.Conv3d(
-        len(in_full),
-        len(out_index),
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        bias=conv.bias is not None,
-        device=device,
-        dtype=weight.dtype,
-    )
-    small.weight.copy_(weight)
-    small.weight.data = small.weight.data.contiguous(memory_format=memory_format)
-    if conv.bias is not None:
-        small.bias.copy_(conv.bias[out_index])
+    small = _conv_like(conv, weight, None if conv.bias is None else conv.bias[out_index], memory_format)
     kept_norm = nn.InstanceNorm3d(
         len(out_index),
         eps=norm.eps,
@@ -218,15 +226,8 @@ def _build_up(name: str, up: nn.ConvTranspose3d, mask: Tensor, read_in: Tensor, 
 @torch.no_grad()
 def _build_head(head: nn.Conv3d, mask: Tensor, read: Tensor, memory_format: torch.memory_format) -> nn.Conv3d:
     device = head.weight.device
-    index = _index(read).to(device)
-    small = nn.Conv3d(
-        len(index), head.out_channels, 1, bias=head.bias is not None, device=device, dtype=head.weight.dtype
-    )
-    small.weight.copy_((head.weight * mask.to(device))[:, index])
-    small.weight.data = small.weight.data.contiguous(memory_format=memory_format)
-    if head.bias is not None:
-        small.bias.copy_(head.bias)
-    return small
+    weight = (head.weight * mask.to(device))[:, _index(read).to(device)]
+    return _conv_like(head, weight, head.bias, memory_format)
 
 
 def _plan_and_masks(model: nn.Module, sparsity) -> tuple[E2ENet, dict[str, Tensor], ChannelLiveness]:
@@ -316,28 +317,28 @@ def e2enet_compaction_plan(model: E2ENet, sparsity=None) -> dict[str, LayerCompa
     model, masks, liveness = _plan_and_masks(model, sparsity)
     plan = {}
 
-    def add(name: str, pairs: Tensor, kept: tuple[Tensor, Tensor] | None, note: str = "") -> None:
+    def add(name: str, pairs: Tensor, kept: tuple[Tensor, Tensor] | None, note: str | None = None) -> None:
+        """``kept``: (input channels read, output channels computed); None when the layer is not run."""
         c_out, c_in = pairs.shape
         kept_in, kept_out = (0, 0) if kept is None else (int(kept[0].sum()), int(kept[1].sum()))
         live_in, live_out = int(pairs.any(0).sum()), int(pairs.any(1).sum())
+        if note is None:
+            note = "not computed: nothing reads its output" if kept is None else ""
         plan[name] = LayerCompaction(name, c_in, c_out, live_in, live_out, kept_in, kept_out, note)
 
-    unread = "not computed: nothing reads its output"
+    def add_unit(name: str, unit: UnitPlan | None) -> None:
+        add(name, active_pairs(masks[f"{name}.weight"]), None if unit is None else (unit.in_read, unit.out_keep))
+
     for level, block in enumerate(model.encoder):
         for u, unit in enumerate(liveness.encoder.get(level, [None] * len(block))):
-            name = f"encoder.{level}.{u}.conv"
-            kept = None if unit is None else (unit.in_read, unit.out_keep)
-            add(name, active_pairs(masks[f"{name}.weight"]), kept, unread if unit is None else "")
+            add_unit(f"encoder.{level}.{u}.conv", unit)
     for key, node in model.fusion.items():
         node_plan = liveness.nodes.get(key)
         up_pairs = active_pairs(masks[f"fusion.{key}.up.weight"]).t()
         up_kept = None if node_plan is None or node_plan.up_read is None else (node_plan.up_read, node_plan.up)
-        add(f"fusion.{key}.up", up_pairs, up_kept, unread if up_kept is None else "")
+        add(f"fusion.{key}.up", up_pairs, up_kept)
         for u in range(len(node.convs)):
-            name = f"fusion.{key}.convs.{u}.conv"
-            unit = None if node_plan is None else node_plan.units[u]
-            kept = None if unit is None else (unit.in_read, unit.out_keep)
-            add(name, active_pairs(masks[f"{name}.weight"]), kept, unread if unit is None else "")
+            add_unit(f"fusion.{key}.convs.{u}.conv", None if node_plan is None else node_plan.units[u])
     for k, head in enumerate(model.heads):
         pairs = active_pairs(masks[f"heads.{k}.weight"])
         if k == 0:
