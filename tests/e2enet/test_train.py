@@ -177,6 +177,25 @@ def test_resume_ignores_settings_that_do_not_act_on_the_run(tmp_path):
         checkpoint.check_resumable(record(1.0), record(0.2), path)
 
 
+def test_resume_on_another_split_of_the_cases_is_refused(finished_run, tmp_path):
+    """Cases added and splits_final.json deleted: the new split may train on what the run validated on."""
+    out, _ = finished_run
+    saved = checkpoint.load_checkpoint(out / "fold_0" / "checkpoint_final.pth")["config"]
+    train_ids, val_ids = saved["split"]["train"], saved["split"]["val"]
+    now = saved | {"split": {"train": [*train_ids[1:], *val_ids], "val": [train_ids[0], "new_case"]}}
+    with pytest.raises(checkpoint.Problem, match=rf"validation cases now trained on: \['{val_ids[0]}'.*new_case"):
+        checkpoint.check_resumable(saved, now, tmp_path / "latest.pth")
+
+
+def test_a_mistyped_model_option_with_overwrite_deletes_nothing(dataset, finished_run, capsys):
+    out, _ = finished_run
+    before = sorted(p.name for p in (out / "fold_0").iterdir())
+    with pytest.raises(SystemExit) as refused:
+        train.main(run_args(dataset, out, "--overwrite", "--model-option", "base_chanels=8"))
+    assert refused.value.code == 2 and "base_chanels" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "fold_0").iterdir()) == before
+
+
 def test_a_checkpoint_of_an_earlier_version_is_refused_with_a_way_out(finished_run, tmp_path):
     """A run config written before a setting existed cannot say what the run ran with: refused, never guessed."""
     out, _ = finished_run
@@ -289,6 +308,9 @@ def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp
         (["--density", "1", "--update-until", "0.75"], "--update-until only act on a sparse run"),
         (["--density", "1", "--static"], "--static only act on a sparse run"),
         (["--static", "--drop-fraction", "0.3"], "--static keeps the first mask, so --drop-fraction would change"),
+        (["--val-iters", "0"], "--val-iters must be positive"),  # a NaN validation loss otherwise
+        (["--val-iters", "-1"], "--val-iters must be positive"),
+        (["--update-every", "0"], "--update-every must be a positive number of iterations"),  # was replaced silently
     ],
 )
 def test_sparse_flags_that_would_be_ignored_are_refused(dataset, tmp_path, capsys, flags, message):

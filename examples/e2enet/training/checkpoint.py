@@ -16,8 +16,8 @@ from e2enet.atomic import atomic_write
 from e2enet.problems import Problem
 from e2enet.training.config import RUN_ONLY, SETTINGS, identity_keys
 
-# What a run record holds beyond the settings, derived from the data and the processes; the first five must match too.
-DERIVED_IDENTITY = ("model_arguments", "preprocessing_hash", "patch_size", "batch_size", "world_size")
+# What a run record holds beyond the settings, derived from the data and the processes; these must match too.
+DERIVED_IDENTITY = ("model_arguments", "preprocessing_hash", "patch_size", "batch_size", "split", "world_size")
 RECORD_KEYS = (*(k for k in SETTINGS if k not in RUN_ONLY), *DERIVED_IDENTITY, "in_channels", "num_classes", "amp")
 
 
@@ -56,6 +56,15 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
             f"{config['world_size']}: resume with the same world size (torchrun --nproc_per_node "
             f"{saved['world_size']}, or plain python for 1), since each rank's data loader state "
             f"is restored; or use another --out to start a new run"
+        )
+    if saved["split"] != config["split"]:
+        before, now = saved["split"], config["split"]
+        moved = sorted(set(before["val"]) & set(now["train"]))
+        added = sorted({*now["train"], *now["val"]} - {*before["train"], *before["val"]})
+        raise Problem(
+            f"{path} was trained on another split of the cases (validation cases now trained on: {moved or 'none'}; "
+            f"cases new since: {added or 'none'}): resuming would mix the two. Restore the dataset and "
+            "splits_final.json the run started with, or train the new split into another --out"
         )
     keys = [*identity_keys(config), *DERIVED_IDENTITY]
     different = {k: (saved.get(k), config[k]) for k in keys if saved.get(k) != config[k]}

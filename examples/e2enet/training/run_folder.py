@@ -27,8 +27,9 @@ MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options", "
 RUN_KEYS = (*MODEL_KEYS, "model_arguments", "preprocessing_hash", "patch_size")
 
 
-def run_record(config: RunConfig, plans: Plans, world_size: int, amp: bool) -> dict:
-    """What defines the run, saved in every checkpoint: its settings, and what was derived from data and processes."""
+def run_record(config: RunConfig, plans: Plans, split: dict, world_size: int, amp: bool) -> dict:
+    """What defines the run, saved in every checkpoint: its settings, and what was derived from data and processes
+    (``split``: the fold's case ids, ``{"train": [...], "val": [...]}``)."""
     settings = {k: v for k, v in settings_of(config).items() if k not in RUN_ONLY}
     return {
         **settings,
@@ -38,6 +39,7 @@ def run_record(config: RunConfig, plans: Plans, world_size: int, amp: bool) -> d
         "preprocessing_hash": plans.preprocessing_hash,
         "patch_size": plans.patch_size,
         "batch_size": plans.batch_size,
+        "split": split,
         "dataset": str(config.data.resolve()),
         "world_size": world_size,
         "amp": amp,

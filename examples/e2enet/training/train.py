@@ -184,7 +184,7 @@ def setup(config: RunConfig, procs: Processes) -> tuple[Trainer, dict | None]:
     if procs.distributed and not procs.is_main:
         dist.barrier()  # rank 0 preprocesses and claims the run folder first; the others then find it all ready
     plans, data_dir, train_ids, val_ids = prepare_data(config)
-    record = run_record(config, plans, procs.world_size, amp)
+    record = run_record(config, plans, {"train": train_ids, "val": val_ids}, procs.world_size, amp)
     latest = config.fold_dir / "checkpoint_latest.pth"
     if procs.is_main:
         saved = claim_fold(config, record, plans)
