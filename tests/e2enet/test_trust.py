@@ -30,12 +30,9 @@ from e2enet.preprocessing import planning
 from e2enet.training import train
 from e2enet.training.divergence import DivergenceGuard
 from e2enet.training.epoch_log import pseudo_dice
+from tests.e2enet.raw_datasets import write_nifti
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
-    nib.save(nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine), path)
 
 
 def synthetic_dataset(root: Path, num_cases: int = 2, size: int = 10, meta: dict | None = None) -> Path:
