@@ -1,23 +1,27 @@
 """sparsefuse: dynamic sparse training for PyTorch."""
 
-from . import distributed, distribution, growth, masks, nn, schedules, scorers
-from .accounting import count_flops, count_params, pt_score
-from .compact import CompactLayer, LayerCompaction, compact, compaction_plan, load_sparse_state_dict, sparse_state_dict
-from .sparsity import DynamicSparsity, LayerUpdate, UpdateReport
+from . import compaction, distributed, distribution, growth, masks, nn, schedules, scorers, serialization
+from .accounting import count_flops, count_params
+from .compaction import CompactLayer, LayerCompaction, compact, compaction_plan
+from .protocol import Sparsity
+from .reports import LayerUpdate, UpdateReport
+from .serialization import load_sparse_state_dict, sparse_state_dict
+from .sparsity import DynamicSparsity
 
 __all__ = [
     "DynamicSparsity",
+    "Sparsity",
     "LayerUpdate",
     "UpdateReport",
     "count_flops",
     "count_params",
-    "pt_score",
     "compact",
     "compaction_plan",
     "CompactLayer",
     "LayerCompaction",
     "sparse_state_dict",
     "load_sparse_state_dict",
+    "compaction",
     "distributed",
     "distribution",
     "growth",
@@ -25,4 +29,5 @@ __all__ = [
     "nn",
     "schedules",
     "scorers",
+    "serialization",
 ]

@@ -1,8 +1,8 @@
 """DynamicSparsity under DistributedDataParallel: unwrapping the model, and checking that the ranks agree.
 
 Ranks never communicate about masks: every decision is keyed by (seed, step, layer index) and reads weights and
-gradients that DDP keeps identical. :func:`verify_ranks_agree` (``DynamicSparsity.verify()``) checks that
-they still do.
+gradients that DDP keeps identical. [`verify_ranks_agree`][sparsefuse.distributed.verify_ranks_agree]
+(``DynamicSparsity.verify()``) checks that they still do.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP / DataParallel wrappers: its names lack the wrappers' ``module.`` prefix."""
+    """The model inside DDP / DataParallel wrappers: its names lack the wrappers' ``module.`` prefix.
+
+    Args:
+        model: a module, wrapped or not.
+    """
     while isinstance(model, _WRAPPERS):
         model = model.module
     return model
@@ -62,9 +66,13 @@ def _fingerprint(masks: dict[str, Tensor], step: int, seed: int) -> tuple[Tensor
     return header, torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 2)
 
 
-def verify_ranks_agree(sparsity: DynamicSparsity, group=None) -> None:
-    """What :meth:`sparsefuse.DynamicSparsity.verify` runs: all-gathers every rank's step count, seed, target
-    layout and per-mask checksums, and raises ``RuntimeError`` on every rank when they differ.
+def verify_ranks_agree(sparsity: DynamicSparsity, group: dist.ProcessGroup | None = None) -> None:
+    """What [`DynamicSparsity.verify`][sparsefuse.DynamicSparsity.verify] runs: all-gathers every rank's step count,
+    seed, target layout and per-mask checksums, and raises ``RuntimeError`` on every rank when they differ.
+
+    Args:
+        sparsity: the rank's sparsifier.
+        group: the process group (default: all ranks).
 
     A no-op when ``torch.distributed`` is not available or not initialised.
     """

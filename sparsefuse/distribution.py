@@ -4,16 +4,22 @@ ER and ERK give layer l a density proportional to a raw score (ER: (n0 + n1) / (
 dims; ERK: sum(shape) / prod(shape), kernel dims included), scaled by one epsilon so that the number of active
 weights matches ``density * total``. A layer whose density would exceed 1 is made dense and epsilon is solved
 again over the others (RigL's solver), so the global density stays exact instead of drifting below the target.
+
+A distribution is a callable ``(shapes, density) -> {name: density}``; `DISTRIBUTIONS` names the three built in,
+which `DynamicSparsity(distribution=...)` and `layer_densities` take by name or as objects alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["layer_densities", "DISTRIBUTIONS"]
+from .registry import resolve_policy
 
-DISTRIBUTIONS = ("uniform", "er", "erk")
+__all__ = ["layer_densities", "uniform", "er", "erk", "DISTRIBUTIONS", "get_distribution"]
+
+Shapes = Mapping[str, Sequence[int]]
+Distribution = Callable[[Shapes, float], dict[str, float]]
 
 
 def _raw_score(kind: str, shape: Sequence[int]) -> float:
@@ -24,13 +30,9 @@ def _raw_score(kind: str, shape: Sequence[int]) -> float:
     return (shape[0] + shape[1]) / (shape[0] * shape[1])
 
 
-def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, kind: str = "uniform") -> dict[str, float]:
-    """Per-layer densities for weights of the given ``shapes`` whose element-weighted mean is ``density``."""
-    if kind not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {kind!r}: use one of {DISTRIBUTIONS}")
-    if kind == "uniform" or density >= 1.0:
+def _solve(kind: str, shapes: Shapes, density: float) -> dict[str, float]:
+    if density >= 1.0:
         return {name: float(density) for name in shapes}
-
     sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     raw = {name: _raw_score(kind, shape) for name, shape in shapes.items()}
     dense: set[str] = set()
@@ -45,3 +47,58 @@ def layer_densities(shapes: Mapping[str, Sequence[int]], density: float, kind: s
         top = max(raw[n] for n in over)
         dense.update(n for n in over if raw[n] == top)
     return {name: 1.0 if name in dense else epsilon * raw[name] for name in shapes}
+
+
+def uniform(shapes: Shapes, density: float) -> dict[str, float]:
+    """Every layer at ``density``.
+
+    Args:
+        shapes: {weight name: weight shape}.
+        density: the global fraction of weights kept.
+    """
+    return {name: float(density) for name in shapes}
+
+
+def er(shapes: Shapes, density: float) -> dict[str, float]:
+    """Erdos-Renyi: density proportional to (n0 + n1) / (n0 * n1) of each weight's first two dims.
+
+    Args:
+        shapes: {weight name: weight shape}.
+        density: the global fraction of weights kept.
+    """
+    return _solve("er", shapes, density)
+
+
+def erk(shapes: Shapes, density: float) -> dict[str, float]:
+    """Erdos-Renyi-Kernel: density proportional to sum(shape) / prod(shape), kernel dims included.
+
+    Args:
+        shapes: {weight name: weight shape}.
+        density: the global fraction of weights kept.
+    """
+    return _solve("erk", shapes, density)
+
+
+DISTRIBUTIONS: dict[str, Distribution] = {"uniform": uniform, "er": er, "erk": erk}
+
+
+def get_distribution(spec: str | Distribution) -> Distribution:
+    """The distribution ``spec`` names or is.
+
+    Args:
+        spec: a key of `DISTRIBUTIONS`, or a callable ``(shapes, density) -> {name: density}``.
+    """
+    return resolve_policy(
+        "distribution", spec, DISTRIBUTIONS, callable, "a callable (shapes, density) -> {name: density}"
+    )
+
+
+def layer_densities(shapes: Shapes, density: float, kind: str | Distribution = "uniform") -> dict[str, float]:
+    """Per-layer densities for weights of the given ``shapes`` whose element-weighted mean is ``density``.
+
+    Args:
+        shapes: {weight name: weight shape}.
+        density: the global fraction of weights kept, in (0, 1].
+        kind: ``"uniform"``, ``"er"``, ``"erk"``, or a callable ``(shapes, density) -> {name: density}``.
+    """
+    return get_distribution(kind)(shapes, density)

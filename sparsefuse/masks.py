@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
+from .registry import resolve_policy
+
 __all__ = [
     "Granularity",
     "Element",
@@ -24,6 +26,7 @@ __all__ = [
     "InputChannel",
     "InputChannelBlocks",
     "Block",
+    "GRANULARITIES",
     "get_granularity",
 ]
 
@@ -34,27 +37,51 @@ class Granularity(ABC):
     def bind(self, name: str, weight: Tensor, module: nn.Module | None) -> Granularity:
         """Return the granularity to use for one weight (self, or a copy configured for it).
 
-        Raise ValueError naming ``name`` if this granularity cannot cut that weight.
+        Args:
+            name: the weight's parameter name, for messages.
+            weight: the weight.
+            module: the module that owns it (its type tells the weight layout), or None.
+
+        Raises:
+            ValueError: naming ``name``, if this granularity cannot cut that weight.
         """
         return self
 
     @abstractmethod
     def groups_shape(self, weight_shape: torch.Size) -> tuple[int, ...]:
-        """Shape of the group mask for a weight of ``weight_shape``."""
+        """Shape of the group mask for a weight of ``weight_shape``.
+
+        Args:
+            weight_shape: the weight's shape.
+        """
 
     @abstractmethod
     def expand(self, group_values: Tensor, weight_shape: torch.Size) -> Tensor:
-        """Group-shaped tensor -> tensor broadcastable to ``weight_shape`` (a view where possible)."""
+        """Group-shaped tensor -> tensor broadcastable to ``weight_shape`` (a view where possible).
+
+        Args:
+            group_values: a tensor in ``groups_shape(weight_shape)``.
+            weight_shape: the weight's shape.
+        """
 
     @abstractmethod
     def group_sum(self, values: Tensor) -> Tensor:
-        """Weight-shaped tensor -> group-shaped tensor, summing the elements of each group."""
+        """Weight-shaped tensor -> group-shaped tensor, summing the elements of each group.
+
+        Args:
+            values: a tensor shaped like the weight.
+        """
 
     def group_size(self, weight_shape: torch.Size) -> int:
         return math.prod(weight_shape) // math.prod(self.groups_shape(weight_shape))
 
     def to_weight(self, group_values: Tensor, weight_shape: torch.Size) -> Tensor:
-        """Group-shaped tensor -> dense weight-shaped tensor (a copy)."""
+        """Group-shaped tensor -> dense weight-shaped tensor (a copy).
+
+        Args:
+            group_values: a tensor in ``groups_shape(weight_shape)``.
+            weight_shape: the weight's shape.
+        """
         return self.expand(group_values, weight_shape).expand(weight_shape).clone()
 
     def __repr__(self) -> str:
@@ -106,6 +133,9 @@ class Channel(Granularity):
     """One group per output channel (whole filters).
 
     The output-channel dim is 0 for Linear/Conv and 1 for ConvTranspose; ``dim`` overrides the choice.
+
+    Args:
+        dim: the weight dim that indexes output channels; None picks it from the layer type.
     """
 
     def __init__(self, dim: int | None = None):
@@ -141,7 +171,8 @@ class InputChannel(Granularity):
     """One group per input channel: a dead group is an input map the layer no longer reads at all.
 
     The input-channel dim is 1 for Linear/Conv (in_features, in/groups) and 0 for ConvTranspose (in); ``dim``
-    overrides the choice for other layers. This is the structure :func:`sparsefuse.compact` removes outright.
+    overrides the choice for other layers. This is the structure [`compact`][sparsefuse.compaction.compact] removes
+    outright.
 
     Grouped convolutions (``groups`` > 1, weight (out, in/groups, *k)): weight dim 1 holds position ``j`` of each
     group, and input channel ``c = group * (in/groups) + j`` is read only by the outputs of its own group, so
@@ -201,16 +232,16 @@ class InputChannelBlocks(Granularity):
     each slice reads its own set of input channels. A group is every weight by which the outputs of one block read
     one input channel.
 
-    Between :class:`InputChannel` (``blocks=1``: every output reads the same inputs) and :class:`Kernel`
-    (``blocks`` = the number of outputs). The layer's density is spread over all (block, input) groups, so a block
-    reads density x ``in`` inputs on average (some blocks more, some fewer, possibly none), as many as an
-    ``InputChannel`` mask reads for the whole layer; together the blocks read up to ``blocks`` times more distinct
-    inputs. Compaction removes the input channels no block reads.
+    Between [`InputChannel`][sparsefuse.masks.InputChannel] (``blocks=1``: every output reads the same inputs) and
+    [`Kernel`][sparsefuse.masks.Kernel] (``blocks`` = the number of outputs). The layer's density is spread over
+    all (block, input) groups, so a block reads density x ``in`` inputs on average (some blocks more, some fewer,
+    possibly none), as many as an ``InputChannel`` mask reads for the whole layer; together the blocks read up to
+    ``blocks`` times more distinct inputs. Compaction removes the input channels no block reads.
 
-    ``bind`` returns the :class:`Block` that cuts the layer this way: ``Block(out / blocks, 1)`` for a Linear/Conv
-    weight (out, in, *k), group mask (blocks, in); ``Block(1, out / blocks)`` for a ConvTranspose weight
-    (in, out, *k), group mask (in, blocks). Grouped convolutions are refused (use ``input_channel``), and
-    ``blocks`` must divide the number of outputs.
+    ``bind`` returns the [`Block`][sparsefuse.masks.Block] that cuts the layer this way: ``Block(out / blocks, 1)``
+    for a Linear/Conv weight (out, in, *k), group mask (blocks, in); ``Block(1, out / blocks)`` for a
+    ConvTranspose weight (in, out, *k), group mask (in, blocks). Grouped convolutions are refused (use
+    ``input_channel``), and ``blocks`` must divide the number of outputs.
 
     Args:
         blocks: output slices per layer, each with its own input-channel mask (default 4).
@@ -248,7 +279,12 @@ class InputChannelBlocks(Granularity):
 
 
 class Block(Granularity):
-    """Blocks of ``rows x cols`` (dim0, dim1) pairs, each pair covering its whole spatial kernel."""
+    """Blocks of ``rows x cols`` (dim0, dim1) pairs, each pair covering its whole spatial kernel.
+
+    Args:
+        rows: block size along weight dim 0; it must divide that dim of every target.
+        cols: block size along weight dim 1; it must divide that dim of every target.
+    """
 
     def __init__(self, rows: int, cols: int):
         if not (isinstance(rows, int) and isinstance(cols, int) and rows >= 1 and cols >= 1):
@@ -282,7 +318,7 @@ class Block(Granularity):
         return f"Block({self.rows}, {self.cols})"
 
 
-_BY_NAME = {
+GRANULARITIES = {
     "element": Element,
     "kernel": Kernel,
     "channel": Channel,
@@ -292,13 +328,17 @@ _BY_NAME = {
 
 
 def get_granularity(spec: str | Granularity) -> Granularity:
-    """``"element" | "kernel" | "channel" | "input_channel" | "input_channel_blocks"`` (4 blocks) or a Granularity
-    instance (e.g. ``Block(4, 4)``, ``InputChannelBlocks(8)``)."""
-    if isinstance(spec, Granularity):
-        return spec
-    if isinstance(spec, str) and spec in _BY_NAME:
-        return _BY_NAME[spec]()
-    raise ValueError(
-        f"unknown granularity {spec!r}: use one of {sorted(_BY_NAME)}, sparsefuse.masks.Block(rows, cols), "
-        f"or an instance of a sparsefuse.masks.Granularity subclass"
+    """The granularity ``spec`` names or is.
+
+    Args:
+        spec: ``"element"``, ``"kernel"``, ``"channel"``, ``"input_channel"`` or ``"input_channel_blocks"``
+            (4 blocks), the keys of `GRANULARITIES`; or a [`Granularity`][sparsefuse.masks.Granularity] instance
+            such as ``Block(4, 4)`` or ``InputChannelBlocks(8)``.
+    """
+    return resolve_policy(
+        "granularity",
+        spec,
+        GRANULARITIES,
+        lambda g: isinstance(g, Granularity),
+        "a sparsefuse.masks.Granularity such as sparsefuse.masks.Block(rows, cols)",
     )

@@ -25,7 +25,14 @@ class GroupScore(ABC):
     def __call__(
         self, weight: Tensor, grad: Tensor | None, granularity: Granularity, generator: torch.Generator
     ) -> Tensor:
-        """One score per group, in ``granularity.groups_shape(weight.shape)``."""
+        """One score per group, in ``granularity.groups_shape(weight.shape)``.
+
+        Args:
+            weight: the layer's weight, already masked.
+            grad: its dense gradient from the last backward, or None.
+            granularity: the layer's bound granularity.
+            generator: the sparsifier's generator for this (step, layer): draw random numbers from it only.
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -2,6 +2,9 @@
 
 Steps count calls to ``sparsity.step()``: the first call is step 1; step t is an update step when
 ``t % every == 0`` and (if ``stop`` is set) ``t <= stop``.
+
+Schedules have no names (`DynamicSparsity(schedule=...)` takes an object): each one needs at least ``every`` and
+``drop_fraction``, which a name cannot carry.
 """
 
 from __future__ import annotations
@@ -9,31 +12,50 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+from .deprecation import renamed_kwarg
+from .registry import resolve_policy
 from .validation import positive_int
 
-__all__ = ["Schedule", "CosineDecay", "Constant", "Linear"]
+__all__ = ["Schedule", "Decay", "CosineDecay", "Constant", "Linear", "get_schedule"]
 
 
 class Schedule(ABC):
-    """Base class: subclasses define ``fraction(step)``; `every`, `alpha` and `stop` are shared."""
+    """Base class of schedules: subclasses define ``fraction(step)``.
 
-    def __init__(self, every: int, alpha: float, stop: int | None = None):
+    Args:
+        every: steps between topology updates (update steps are its multiples).
+        drop_fraction: the fraction of active groups replaced at the first update, in (0, 1]; the paper's
+            death rate alpha (0.5). ``alpha=`` is its deprecated name.
+        stop: the last step that may change the topology, or None for no limit.
+    """
+
+    @renamed_kwarg("alpha", "drop_fraction")
+    def __init__(self, every: int, drop_fraction: float, stop: int | None = None):
         positive_int("every", every, "it is the number of steps between topology updates (e.g. every=100)")
-        if not 0.0 < float(alpha) <= 1.0:
+        if not 0.0 < float(drop_fraction) <= 1.0:
             raise ValueError(
-                f"alpha must be in (0, 1], got {alpha!r}; it is the fraction of active groups "
+                f"drop_fraction must be in (0, 1], got {drop_fraction!r}; it is the fraction of active groups "
                 f"replaced at the first update (the paper uses 0.5)"
             )
         if stop is not None:
             positive_int("stop", stop, "it is the last step that may change the topology, or None for no limit")
-        self.every, self.alpha, self.stop = every, float(alpha), stop
+        self.every, self.drop_fraction, self.stop = every, float(drop_fraction), stop
 
     def is_update(self, step: int) -> bool:
+        """Whether a step changes the topology.
+
+        Args:
+            step: the ``sparsity.step()`` call, counted from 1.
+        """
         return step % self.every == 0 and (self.stop is None or step <= self.stop)
 
     @abstractmethod
     def fraction(self, step: int) -> float:
-        """Fraction of the active groups replaced at update step ``step``."""
+        """Fraction of the active groups replaced at an update step.
+
+        Args:
+            step: the ``sparsity.step()`` call, counted from 1.
+        """
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -41,15 +63,31 @@ class Schedule(ABC):
 
 
 class Constant(Schedule):
-    """The same fraction ``alpha`` at every update."""
+    """The same fraction ``drop_fraction`` at every update.
+
+    Args:
+        every: steps between topology updates.
+        drop_fraction: the fraction of active groups replaced at each update, in (0, 1].
+        stop: the last step that may change the topology, or None for no limit.
+    """
 
     def fraction(self, step):
-        return self.alpha
+        return self.drop_fraction
 
 
-class _Decay(Schedule):
-    def __init__(self, every: int, alpha: float, total_steps: int, stop: int | None = None):
-        super().__init__(every, alpha, stop)
+class Decay(Schedule):
+    """Base class of schedules whose fraction falls from ``drop_fraction`` at step 0 to 0 at ``total_steps``.
+
+    Args:
+        every: steps between topology updates.
+        drop_fraction: the fraction at step 0, in (0, 1].
+        total_steps: the horizon T of the decay, usually the run's length; the fraction is 0 from T on.
+        stop: the last step that may change the topology, or None for no limit.
+    """
+
+    @renamed_kwarg("alpha", "drop_fraction")
+    def __init__(self, every: int, drop_fraction: float, total_steps: int, stop: int | None = None):
+        super().__init__(every, drop_fraction, stop)
         positive_int("total_steps", total_steps, "it is the horizon T of the decay, usually the run's length")
         self.total_steps = total_steps
 
@@ -57,15 +95,47 @@ class _Decay(Schedule):
         return min(step, self.total_steps) / self.total_steps
 
 
-class CosineDecay(_Decay):
-    """``alpha/2 * (1 + cos(pi * t / total_steps))``: paper Algorithm 1 and RigL. Zero from ``total_steps`` on."""
+class CosineDecay(Decay):
+    """``drop_fraction / 2 * (1 + cos(pi * t / total_steps))``: paper Algorithm 1 and RigL; 0 from ``total_steps``.
+
+    Args:
+        every: steps between topology updates (the paper's delta T).
+        drop_fraction: the fraction at step 0, in (0, 1] (the paper's alpha, 0.5).
+        total_steps: the horizon T of the decay, usually the run's length.
+        stop: the last step that may change the topology, or None for no limit.
+    """
 
     def fraction(self, step):
-        return self.alpha / 2 * (1 + math.cos(math.pi * self._progress(step)))
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * self._progress(step)))
 
 
-class Linear(_Decay):
-    """``alpha * (1 - t / total_steps)``."""
+class Linear(Decay):
+    """``drop_fraction * (1 - t / total_steps)``; 0 from ``total_steps`` on.
+
+    Args:
+        every: steps between topology updates.
+        drop_fraction: the fraction at step 0, in (0, 1].
+        total_steps: the horizon T of the decay, usually the run's length.
+        stop: the last step that may change the topology, or None for no limit.
+    """
 
     def fraction(self, step):
-        return self.alpha * (1 - self._progress(step))
+        return self.drop_fraction * (1 - self._progress(step))
+
+
+def get_schedule(spec: Schedule | None) -> Schedule | None:
+    """``spec``, checked.
+
+    Args:
+        spec: a [`Schedule`][sparsefuse.schedules.Schedule], or None for static sparse training.
+    """
+    if spec is None:
+        return None
+    return resolve_policy(
+        "schedule",
+        spec,
+        {},
+        lambda s: isinstance(s, Schedule),
+        "a sparsefuse.schedules.Schedule such as CosineDecay(every=100, drop_fraction=0.5, total_steps=T), or None "
+        "for static sparse training (schedules take no names: each needs `every` and `drop_fraction`)",
+    )

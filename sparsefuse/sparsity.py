@@ -12,109 +12,24 @@ weight decay can revive a dropped group.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import growth as growth_policies
-from . import scorers
 from .distributed import unwrap_model, verify_ranks_agree
-from .distribution import DISTRIBUTIONS
+from .distribution import Distribution, get_distribution
+from .growth import Growth, get_growth, get_regrow_init, zero_init
+from .guards import OptimizerSteps, check_attached, check_keeps_a_group, check_not_frozen, frozen_error
 from .masks import Granularity, get_granularity
-from .schedules import Schedule
-from .targets import check_in_optimizer, default_targets, resolve_densities, resolve_targets
+from .reports import LayerUpdate, UpdateReport
+from .schedules import Schedule, get_schedule
+from .scorers import Scorer, get_scorer
+from .targets import Target, check_in_optimizer, default_targets, resolve_densities, resolve_targets
 
-# default_targets lives in targets.py; it stays importable from here, where it has always been public.
+# These lived here before their own modules; they stay importable from here.
 __all__ = ["DynamicSparsity", "UpdateReport", "LayerUpdate", "default_targets"]
-
-
-@dataclass(frozen=True)
-class LayerUpdate:
-    """One layer's counts at one update.
-
-    ``regrown_before`` groups were grown at the previous update; ``regrown_kept`` of them are still active after
-    this one (their survival). ``ever_active`` of the layer's ``groups`` have been active at some point since the
-    start (the in-time over-parameterisation, or exploration, rate of ITOP).
-    """
-
-    dropped: int
-    grown: int
-    regrown_before: int = 0
-    regrown_kept: int = 0
-    ever_active: int = 0
-    groups: int = 0
-
-
-@dataclass(frozen=True)
-class UpdateReport:
-    """What one topology update did: the step, the scheduled fraction and per-layer counts."""
-
-    step: int
-    fraction: float
-    layers: dict[str, LayerUpdate] = field(default_factory=dict)
-
-    @property
-    def dropped(self) -> int:
-        return sum(u.dropped for u in self.layers.values())
-
-    @property
-    def grown(self) -> int:
-        return sum(u.grown for u in self.layers.values())
-
-    @property
-    def survival(self) -> float | None:
-        """Share of the groups grown at the previous update that this update kept (None: none were grown)."""
-        before = sum(u.regrown_before for u in self.layers.values())
-        return sum(u.regrown_kept for u in self.layers.values()) / before if before else None
-
-    @property
-    def exploration(self) -> float:
-        """Share of all groups that have ever been active (ITOP's exploration rate)."""
-        groups = sum(u.groups for u in self.layers.values())
-        return sum(u.ever_active for u in self.layers.values()) / groups if groups else 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> UpdateReport:
-        layers = {name: LayerUpdate(**counts) for name, counts in data["layers"].items()}
-        return cls(step=int(data["step"]), fraction=float(data["fraction"]), layers=layers)
-
-
-class _Target:
-    """One masked weight: its group mask and the cached 0/1 multiplier used on the hot path."""
-
-    def __init__(
-        self, name: str, param: nn.Parameter, module: nn.Module | None, granularity: Granularity, density: float
-    ):
-        self.name, self.param, self.module = name, param, module
-        self.granularity = granularity
-        self.groups_shape = granularity.groups_shape(param.shape)
-        self.num_groups = math.prod(self.groups_shape)
-        self.group_size = granularity.group_size(param.shape)
-        self.target_density = density
-        # A meta-device weight (a model built for accounting) keeps its mask on the CPU, where it can be counted.
-        self.mask_device = torch.device("cpu") if param.device.type == "meta" else param.device
-        self.mask: Tensor = torch.ones(self.groups_shape, dtype=torch.bool, device=self.mask_device)
-        self.keep: Tensor = self.mask
-        # Flat, per group: the update that last grew it (0: never) and whether it was ever active.
-        self.grown_at: Tensor = torch.zeros(self.num_groups, dtype=torch.int32, device=self.mask_device)
-        self.ever_active: Tensor = torch.ones(self.num_groups, dtype=torch.bool, device=self.mask_device)
-
-    def set_mask(self, mask: Tensor) -> None:
-        self.mask = mask.to(device=self.mask_device, dtype=torch.bool).reshape(self.groups_shape)
-        # A 0/1 tensor in the weight's dtype, broadcastable rather than expanded (kernel and channel masks stay
-        # tiny): an in-place multiply by it is ~20x faster on CPU than masked_fill_ with a bool mask.
-        self.keep = self.granularity.expand(self.mask, self.param.shape).to(self.param.device, self.param.dtype)
-
-    @property
-    def active(self) -> int:
-        return int(self.mask.sum())
 
 
 def _stable_seed(*keys: int) -> int:
@@ -122,34 +37,44 @@ def _stable_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0])
 
 
-def _default_reinit(weight: Tensor, generator: torch.Generator) -> None:
-    # The init torch's Conv*/Linear reset_parameters() applies.
-    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-
-
 class DynamicSparsity:
     """Dynamic sparse training for any ``nn.Module``.
 
+    Every policy argument takes a registered name or an object (see [`registry`][sparsefuse.registry]): names
+    stand for the policies that need no parameter; schedules and ``Block`` granularities, which do, are objects.
+
     Args:
         model: the network. Its targeted weights are zeroed at construction outside the initial random mask.
-        optimizer: the optimizer that updates ``model``; every targeted weight must be in it. ``None`` is allowed for
-            fixed-mask uses without training (accounting, inference).
+        optimizer: the optimizer that updates ``model``; every targeted weight must be in it and trainable when
+            the topology changes (a ``schedule``). ``None`` is allowed for fixed-mask uses without training
+            (accounting, inference).
         density: fraction of groups kept, in (0, 1]; or a dict {parameter name: density}. A dict must cover every
             target, or give the rest through the key ``"default"`` (then ``distribution`` spreads that density over
-            the layers not named).
+            the layers not named). Every target must keep at least one group: ``round(density * groups) >= 1``.
         targets: ``None`` (the weight of every Conv1-3d, ConvTranspose1-3d and Linear), a callable
             ``(module_name, module) -> bool`` selecting modules whose ``weight`` is masked, or a list of parameter
             names.
-        granularity: ``"element"``, ``"kernel"`` (one bit per (dim0, dim1) pair, covering the spatial kernel),
-            ``"channel"``, or a :class:`sparsefuse.masks.Granularity` such as ``Block(rows, cols)``.
-        scorer: importance of active groups (lowest dropped first); default :class:`sparsefuse.scorers.L1`.
-        growth: which inactive groups to regrow; default :class:`sparsefuse.growth.Random`.
-        schedule: a :mod:`sparsefuse.schedules` object, or ``None`` for static sparse training (fixed random mask).
-        distribution: ``"uniform"``, ``"er"`` or ``"erk"``.
+        granularity: ``"element"`` (one group per weight), ``"kernel"`` (one per (dim0, dim1) pair, covering the
+            spatial kernel), ``"channel"`` (one per output channel), ``"input_channel"`` (one per input channel),
+            ``"input_channel_blocks"`` (input channels per block of outputs, 4 blocks); or a
+            [`Granularity`][sparsefuse.masks.Granularity] such as ``Block(rows, cols)`` or
+            ``InputChannelBlocks(8)``.
+        scorer: importance of active groups (lowest dropped first): ``"l1"`` (default), ``"magnitude"``,
+            ``"random"``, or a [`Scorer`][sparsefuse.scorers.Scorer].
+        growth: which inactive groups to regrow: ``"random"`` (default; SET), ``"gradient"`` (RigL), or a
+            [`Growth`][sparsefuse.growth.Growth].
+        schedule: a [`Schedule`][sparsefuse.schedules.Schedule] object, or ``None`` for static sparse training
+            (fixed random mask).
+        distribution: ``"uniform"``, ``"er"``, ``"erk"``, or a callable ``(shapes, density) -> {name: density}``.
         regrow_init: ``"zeros"`` (RigL, and the E2ENet authors' code), ``"reinit"`` (fresh values from torch's default
             Conv/Linear init) or a callable ``(weight_like_tensor, generator) -> None`` that fills its argument.
         seed: every random draw is keyed by (seed, step, layer index), never the global RNG, so replicas (DDP ranks)
             make identical decisions and a resumed run continues bit-identically.
+        scaler: the ``torch.amp.GradScaler`` of a mixed-precision run, or None. When the scaler skipped the
+            optimizer step (non-finite gradients), ``step()`` neither advances the schedule nor changes the
+            topology: the step does not count, exactly as for the optimizer. Skips are detected by the scale
+            dropping in ``scaler.update()``, so call ``step()`` after ``scaler.step(optimizer)`` and
+            ``scaler.update()``. Gradient growth then reads gradients that ``scaler.step`` already unscaled.
         grace_updates: groups grown at an update cannot be dropped at the next ``grace_updates`` updates (default
             0: RigL's and SET's rule, where any active group may be dropped). Zero-initialised regrowth scored by
             magnitude starts at the bottom of the ranking; when updates are close together (short runs) it is
@@ -158,11 +83,6 @@ class DynamicSparsity:
             when protected groups leave fewer than the scheduled number droppable, fewer are exchanged. The drop then
             falls on trained groups instead: with updates a few iterations apart that measured harmful (E2ENet guide,
             "Dynamic sparsity in short runs"), so use it where regrowth has hundreds of iterations to learn.
-        scaler: the ``torch.amp.GradScaler`` of a mixed-precision run, or None. When the scaler skipped the
-            optimizer step (non-finite gradients), ``step()`` neither advances the schedule nor changes the
-            topology: the step does not count, exactly as for the optimizer. Skips are detected by the scale
-            dropping in ``scaler.update()``, so call ``step()`` after ``scaler.step(optimizer)`` and
-            ``scaler.update()``. Gradient growth then reads gradients that ``scaler.step`` already unscaled.
 
     Note:
         Under DistributedDataParallel, build it on every rank with the same arguments, from the DDP model or from
@@ -171,7 +91,8 @@ class DynamicSparsity:
         wrapped and unwrapped runs). No communication is needed: every decision depends only on (seed, step, layer
         index) and on weights and gradients that DDP keeps identical across ranks. Gradient growth sees the
         DDP-averaged gradients: DDP all-reduces ``.grad`` during ``backward()``, before ``optimizer.step()`` and
-        ``step()``. Call :meth:`verify` now and then to check that the ranks still agree.
+        ``step()``. Call [`verify`][sparsefuse.DynamicSparsity.verify] now and then to check that the ranks still
+        agree.
     """
 
     def __init__(
@@ -181,10 +102,10 @@ class DynamicSparsity:
         density: float | Mapping[str, float] = 0.2,
         targets: None | Callable[[str, nn.Module], bool] | Iterable[str] = None,
         granularity: str | Granularity = "kernel",
-        scorer: scorers.Scorer | None = None,
-        growth: growth_policies.Growth | None = None,
+        scorer: str | Scorer = "l1",
+        growth: str | Growth = "random",
         schedule: Schedule | None = None,
-        distribution: str = "uniform",
+        distribution: str | Distribution = "uniform",
         regrow_init: str | Callable[[Tensor, torch.Generator], None] = "zeros",
         seed: int = 0,
         scaler: torch.amp.GradScaler | None = None,
@@ -196,54 +117,40 @@ class DynamicSparsity:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer (or None for a fixed mask), got {type(optimizer).__name__}"
             )
-        if schedule is not None and not isinstance(schedule, Schedule):
-            raise TypeError(
-                f"schedule must be a sparsefuse.schedules.Schedule (e.g. CosineDecay(every=100, "
-                f"alpha=0.5, total_steps=T)) or None for static sparsity, got {type(schedule).__name__}"
-            )
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}: use one of {DISTRIBUTIONS}")
-        if not (regrow_init in ("zeros", "reinit") or callable(regrow_init)):
-            raise ValueError(
-                f"regrow_init must be 'zeros', 'reinit' or a callable (tensor, generator) -> None, got {regrow_init!r}"
-            )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if isinstance(grace_updates, bool) or not isinstance(grace_updates, int) or grace_updates < 0:
             raise ValueError(f"grace_updates must be a non-negative int (0: no protection), got {grace_updates!r}")
-        self.grace_updates = grace_updates
-        self.model, self.optimizer = unwrap_model(model), optimizer  # DDP's "module." prefix never shows
-        self.scorer = scorer if scorer is not None else scorers.L1()
-        self.growth = growth if growth is not None else growth_policies.Random()
-        for role, policy in (("scorer", self.scorer), ("growth", self.growth)):
-            if not callable(policy):
-                raise TypeError(
-                    f"{role} must be callable (weight, grad, granularity, generator) -> group scores, "
-                    f"got {type(policy).__name__}"
-                )
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
-        self.schedule, self.distribution, self.regrow_init, self.seed = schedule, distribution, regrow_init, seed
-        self.scaler = scaler
+        self.granularity = get_granularity(granularity)
+        self.scorer, self.growth = get_scorer(scorer), get_growth(growth)
+        self.schedule = get_schedule(schedule)
+        self._regrow = get_regrow_init(regrow_init)
+        spread = get_distribution(distribution)
+        # The arguments as given, as state dicts and run records name them.
+        self.distribution, self.regrow_init = distribution, regrow_init
+        self.model, self.optimizer = unwrap_model(model), optimizer  # DDP's "module." prefix never shows
+        self.seed, self.grace_updates, self.scaler = seed, grace_updates, scaler
         # The scale before the first update is the scaler's initial scale (get_scale() returns it until then).
         self._last_scale = scaler.get_scale() if scaler is not None else None
-        self.granularity = get_granularity(granularity)
+        self._optimizer_steps = OptimizerSteps(optimizer)
         self.history: list[UpdateReport] = []
         self._step = 0
 
         found = resolve_targets(self.model, targets)
         check_in_optimizer(found, optimizer)
-        shapes = {name: tuple(p.shape) for name, (p, _) in found.items()}
-        densities = resolve_densities(density, shapes, distribution)
+        densities = resolve_densities(density, {name: tuple(p.shape) for name, (p, _) in found.items()}, spread)
         self._targets = [
-            _Target(name, param, module, self.granularity.bind(name, param, module), densities[name])
+            Target(name, param, module, self.granularity.bind(name, param, module), densities[name])
             for name, (param, module) in found.items()
         ]
         self._by_name = {t.name: t for t in self._targets}
+        check_not_frozen(self._targets, optimizer, dynamic=self.schedule is not None)
         for index, t in enumerate(self._targets):
-            generator = self._generator(0, index)
             keep = round(t.target_density * t.num_groups)
-            chosen = torch.randperm(t.num_groups, generator=generator)[:keep]
+            check_keeps_a_group(t, keep)
+            chosen = torch.randperm(t.num_groups, generator=self._generator(0, index))[:keep]
             mask = torch.zeros(t.num_groups, dtype=torch.bool)
             mask[chosen] = True
             t.set_mask(mask)
@@ -256,7 +163,7 @@ class DynamicSparsity:
 
     # ------------------------------------------------------------------------------------------- hot path
     @torch.no_grad()
-    def _apply_masks(self, targets: Iterable[_Target] | None = None) -> None:
+    def _apply_masks(self, targets: Iterable[Target] | None = None) -> None:
         state = self.optimizer.state if self.optimizer is not None else {}
         for t in self._targets if targets is None else targets:
             t.param.mul_(t.keep)
@@ -265,12 +172,21 @@ class DynamicSparsity:
                     value.mul_(t.keep)
 
     def step(self) -> UpdateReport | None:
-        """Call after every ``optimizer.step()``. Re-zeroes inactive weights and their optimizer state; on an
-        update step, drops and regrows groups and returns the :class:`UpdateReport` (else ``None``).
+        """Call once after every ``optimizer.step()``. Re-zeroes inactive weights and their optimizer state; on an
+        update step, drops and regrows groups and returns the [`UpdateReport`][sparsefuse.UpdateReport] (else
+        ``None``).
 
-        With a ``scaler`` that skipped this optimizer step, returns None and counts nothing (see ``scaler``)."""
+        With a ``scaler`` that skipped this optimizer step, returns None and counts nothing (see ``scaler``).
+
+        Raises:
+            RuntimeError: the optimizer has not stepped since the previous call (the schedule would run faster
+                than training); a targeted weight was replaced in the model after construction (e.g. by
+                ``load_state_dict(..., assign=True)``) or, on an update step, frozen.
+        """
         if self._optimizer_step_skipped():
             return None
+        check_attached(self._targets)
+        self._optimizer_steps.check()
         self._step += 1
         self._apply_masks()
         if self.schedule is None or not self.schedule.is_update(self._step):
@@ -293,6 +209,8 @@ class DynamicSparsity:
         needs_grad = getattr(self.scorer, "needs_grad", False) or getattr(self.growth, "needs_grad", False)
         for index, t in enumerate(self._targets):
             grad = t.param.grad
+            if not t.param.requires_grad:
+                raise frozen_error(t.name, step)
             if needs_grad and grad is None:
                 raise RuntimeError(
                     f"{t.name!r} has no gradient at update step {step}, but {self.scorer!r}/{self.growth!r} needs "
@@ -326,7 +244,7 @@ class DynamicSparsity:
         return UpdateReport(step=step, fraction=fraction, layers=layers)
 
     def _drop_and_grow(
-        self, t: _Target, count: int, grad: Tensor | None, generator: torch.Generator, protected: Tensor
+        self, t: Target, count: int, grad: Tensor | None, generator: torch.Generator, protected: Tensor
     ) -> Tensor:
         """Drop the ``count`` lowest-scored active groups outside ``protected``, grow ``count`` inactive ones;
         returns the flat indices grown."""
@@ -341,14 +259,13 @@ class DynamicSparsity:
         mask[grow] = True
         t.set_mask(mask)
         self._apply_masks([t])
-        if self.regrow_init != "zeros":
+        if self._regrow is not zero_init:  # masking already zeroed them
             self._reinit(t, grow, generator)
         return grow
 
-    def _reinit(self, t: _Target, grown: Tensor, generator: torch.Generator) -> None:
+    def _reinit(self, t: Target, grown: Tensor, generator: torch.Generator) -> None:
         fresh = torch.empty(t.param.shape, dtype=t.param.dtype)
-        init = _default_reinit if self.regrow_init == "reinit" else self.regrow_init
-        init(fresh, generator)
+        self._regrow(fresh, generator)
         grown_groups = torch.zeros(t.num_groups, dtype=torch.bool, device=t.param.device)
         grown_groups[grown] = True
         where = t.granularity.expand(grown_groups.reshape(t.groups_shape), t.param.shape)
@@ -357,6 +274,7 @@ class DynamicSparsity:
     # ------------------------------------------------------------------------------------------ inspection
     @property
     def target_names(self) -> tuple[str, ...]:
+        """The masked weights' names, as ``model.named_parameters()`` gives them (without DDP's prefix)."""
         return tuple(t.name for t in self._targets)
 
     @property
@@ -369,18 +287,27 @@ class DynamicSparsity:
         """{name: bool mask in its granularity's group shape} (copies)."""
         return {t.name: t.mask.clone() for t in self._targets}
 
-    def _target(self, name: str) -> _Target:
+    def _target(self, name: str) -> Target:
         try:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a sparsified weight; targets are {list(self._by_name)}") from None
 
     def weight_mask(self, name: str) -> Tensor:
-        """Bool tensor shaped like the weight ``name``: True where the weight is active."""
+        """Bool tensor shaped like the weight ``name``: True where the weight is active.
+
+        Args:
+            name: a target name (one of ``target_names``).
+        """
         t = self._target(name)
         return t.granularity.to_weight(t.mask, t.param.shape)
 
     def granularity_of(self, name: str) -> Granularity:
+        """The granularity bound to the weight ``name``: it maps ``masks[name]`` onto the weight.
+
+        Args:
+            name: a target name (one of ``target_names``).
+        """
         return self._target(name).granularity
 
     def granularities(self) -> dict[str, str]:
@@ -388,8 +315,12 @@ class DynamicSparsity:
         return {t.name: repr(t.granularity) for t in self._targets}
 
     def check_granularities(self, saved: Mapping[str, str] | None) -> None:
-        """Raise ValueError if a state dict's recorded granularities differ from this sparsifier's (state dicts
-        saved before they were recorded carry none and pass)."""
+        """Raise ValueError if a state dict's recorded granularities differ from this sparsifier's.
+
+        Args:
+            saved: the state dict's ``"granularity"`` entry; None (state dicts saved before it was recorded)
+                passes.
+        """
         if saved is None:
             return
         here = self.granularities()
@@ -403,7 +334,11 @@ class DynamicSparsity:
             )
 
     def density(self, name: str | None = None) -> float:
-        """Active groups / all groups of one weight; without a name, active / all weights over every target."""
+        """Active groups / all groups of one weight; without a name, active / all weights over every target.
+
+        Args:
+            name: a target name, or None for all targets together.
+        """
         if name is not None:
             t = self._target(name)
             return t.active / t.num_groups
@@ -420,7 +355,7 @@ class DynamicSparsity:
         )
 
     # ----------------------------------------------------------------------------------------- distributed
-    def verify(self, group=None) -> None:
+    def verify(self, group: torch.distributed.ProcessGroup | None = None) -> None:
         """Check that every rank of ``group`` (default: all) holds the same masks and step count.
 
         Opt-in, for DDP runs: ranks never communicate about masks, they agree because their decisions are keyed
@@ -431,6 +366,9 @@ class DynamicSparsity:
         or once per epoch, not every step of a large model.
 
         If ``torch.distributed`` is not available or not initialised (single-process training) it does nothing.
+
+        Args:
+            group: the process group whose ranks are compared; None for all ranks.
 
         Raises:
             RuntimeError: on every rank alike (so no rank is left waiting), when the ranks disagree. It names the
@@ -456,7 +394,12 @@ class DynamicSparsity:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Restore a :meth:`state_dict`; re-zeroes inactive weights and optimizer state under the loaded masks."""
+        """Restore a [`state_dict`][sparsefuse.DynamicSparsity.state_dict]; re-zeroes inactive weights and optimizer
+        state under the loaded masks.
+
+        Args:
+            state: what ``state_dict()`` returned, for the same model, targets and granularity.
+        """
         if not isinstance(state, Mapping) or not {"step", "seed", "masks"} <= set(state):
             raise ValueError(
                 "not a DynamicSparsity state dict: expected keys 'step', 'seed', 'masks' "
@@ -499,4 +442,5 @@ class DynamicSparsity:
         self._step, self.seed = int(state["step"]), int(state["seed"])
         self.history = [UpdateReport.from_dict(r) for r in state.get("history", [])]
         self._last_scale = state.get("last_scale", self._last_scale)
+        self._optimizer_steps.at_last_step = None  # the restored run's step() calls start afresh
         self._apply_masks()

@@ -10,7 +10,7 @@ __all__ = ["ChannelsLastInstanceNorm3d"]
 
 
 class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
-    """:class:`torch.nn.InstanceNorm3d` whose output keeps a channels_last_3d input's layout on the CPU.
+    """``torch.nn.InstanceNorm3d`` whose output keeps a channels_last_3d input's layout on the CPU.
 
     torch's CPU ``instance_norm`` returns a contiguous tensor whatever the input's layout, so in a
     channels_last_3d network every conv after a norm first converts its input back; in E2ENet's cpu-demo
@@ -18,7 +18,7 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
     with its own batch statistics, which are exactly the per-sample, per-channel statistics of instance
     norm, and torch's CPU batch norm works in channels_last_3d without a copy.
 
-    Same arguments, parameters and state dict as :class:`torch.nn.InstanceNorm3d`, and equal to it within
+    Same arguments, parameters and state dict as ``torch.nn.InstanceNorm3d``, and equal to it within
     float rounding (the channels-last kernel sums in another order). Inputs that are not channels_last_3d
     on the CPU, unbatched inputs and ``track_running_stats=True`` take the parent's path unchanged.
     """

@@ -9,7 +9,7 @@ moved by ``s = g - shift_groups // 2`` slices with zero fill::
 
     out[:, group_g, ..., d, ...] = x[:, group_g, ..., d - s, ...]   (0 if d - s is outside)
 
-The shift is a custom :class:`torch.autograd.Function` that writes one slice
+The shift is a custom ``torch.autograd.Function`` that writes one slice
 copy per group into a preallocated output, so it costs about one read and one
 write of the activation, keeps the input's memory format (channels_last_3d in
 gives channels_last_3d out) and runs on any device, including ``meta``.
@@ -47,6 +47,10 @@ def shift_plan(channels: int, shift_groups: int) -> _Plan:
     Chunk size is ``ceil(C / n)``, the last chunk may be smaller and there may be
     fewer than ``n`` chunks (C=4, n=3 gives [2, 2] with shifts -1, 0). Chunk ``g``
     shifts by ``g - n // 2``, so shifts stay centred on the *requested* group count.
+
+    Args:
+        channels: C, the channel count.
+        shift_groups: n, the requested number of groups.
     """
     size = max(1, -(-channels // shift_groups))  # max: C=0 gives no groups, not range(step=0)
     return tuple(
@@ -177,12 +181,17 @@ class DepthShiftConv3d(nn.Conv3d):
         in_channels: as ``nn.Conv3d``.
         out_channels: as ``nn.Conv3d``.
         kernel_size: conv kernel, default (1, 3, 3).
-        shift_groups: channel groups of the shift (see :class:`DepthShift`); 1 = no shift.
+        shift_groups: channel groups of the shift (see [`DepthShift`][sparsefuse.nn.DepthShift]); 1 = no shift.
         shift_dim: axis to shift, 2 = depth, 3 = height, 4 = width.
         padding: default pads ``dilation * (k - 1) // 2`` per axis (timm's
             ``get_padding``), i.e. "same" for odd kernels at stride 1.
-        stride: as ``nn.Conv3d``; likewise ``dilation``, ``groups``, ``bias``,
-            ``padding_mode``, ``device`` and ``dtype``.
+        stride: as ``nn.Conv3d``.
+        dilation: as ``nn.Conv3d``.
+        groups: as ``nn.Conv3d``.
+        bias: as ``nn.Conv3d``.
+        padding_mode: as ``nn.Conv3d``.
+        device: as ``nn.Conv3d``.
+        dtype: as ``nn.Conv3d``.
 
     Shape:
         input (B, in_channels, D, H, W) -> output (B, out_channels, D', H', W') as
@@ -202,8 +211,8 @@ class DepthShiftConv3d(nn.Conv3d):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         _check_shift_args(shift_groups, shift_dim, dim_arg="shift_dim")
         if padding is None:

@@ -1,4 +1,4 @@
-"""sparsefuse.accounting: hand-computed counts, density scaling, conventions, meta-device safety, PT score."""
+"""sparsefuse.accounting: hand-computed counts, density scaling, per-layer records, meta-device safety."""
 
 from __future__ import annotations
 
@@ -17,23 +17,23 @@ from sparsefuse.accounting import FlopCount
 
 
 class FakeSparsity:
-    """The duck-typed interface count_params / count_flops read: kernel masks given per weight."""
+    """A sparsity from elsewhere (the sparsefuse.Sparsity protocol): kernel masks given per weight."""
 
     def __init__(self, model: nn.Module, kernel_masks: dict[str, torch.Tensor]):
         params = dict(model.named_parameters())
-        self._masks = {n: m.bool() for n, m in kernel_masks.items()}
+        self.masks = {n: m.bool() for n, m in kernel_masks.items()}
         self._shapes = {n: params[n].shape for n in kernel_masks}
 
     @property
     def target_names(self):
-        return tuple(self._masks)
+        return tuple(self.masks)
 
     def weight_mask(self, name):
         shape = self._shapes[name]
-        return self._masks[name].view(*self._masks[name].shape, *([1] * (len(shape) - 2))).expand(shape)
+        return self.masks[name].view(*self.masks[name].shape, *([1] * (len(shape) - 2))).expand(shape)
 
-    def density(self, name):
-        return self._masks[name].float().mean().item()
+    def granularity_of(self, name):
+        return sf.masks.Kernel()
 
 
 def first_k(rows: int, cols: int, k: int) -> torch.Tensor:
@@ -80,10 +80,10 @@ def test_count_params_rejects_bad_input():
     model = nn.Conv2d(2, 2, 3)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         sf.count_params("not a model")
-    with pytest.raises(TypeError, match="target_names, weight_mask"):
+    with pytest.raises(TypeError, match="sparsefuse.Sparsity protocol.*object lacks target_names, masks"):
         sf.count_params(model, object())
     wrong_name = FakeSparsity(nn.Sequential(model), {"0.weight": first_k(2, 2, 1)})
-    with pytest.raises(ValueError, match="'0.weight', which is not a parameter"):
+    with pytest.raises(ValueError, match=r"\['0.weight'\], which are not parameters of this model"):
         sf.count_params(model, wrong_name)
 
     class BadMask(FakeSparsity):
@@ -95,84 +95,61 @@ def test_count_params_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------------------------- count_flops
-def test_conv3d_eq5_and_macs_by_hand():
+def test_conv3d_by_hand():
     model = nn.Conv3d(2, 4, 3, padding=1)
     x = (1, 2, 4, 4, 4)  # output (1, 4, 4, 4, 4): V_out = 64
-    assert sf.count_flops(model, x) == (2 * 27 * 2 + 1) * 4 * 64
-    assert sf.count_flops(model, x, bias_term=False) == 2 * 27 * 2 * 4 * 64
-    assert sf.count_flops(model, x, convention="macs") == 2 * 27 * 2 * 4 * 64
+    assert sf.count_flops(model, x) == 2 * 27 * 2 * 4 * 64
 
 
 def test_grouped_strided_conv2d_counts_batch_and_channels_per_group():
     model = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
     x = (2, 4, 8, 8)  # output (2, 6, 4, 4); C_in per group = 2
-    assert sf.count_flops(model, x) == (2 * 9 * 2 + 1) * 6 * 16 * 2
-    assert sf.count_flops(model, x, convention="macs") == 2 * 9 * 2 * 6 * 16 * 2
+    assert sf.count_flops(model, x) == 2 * 9 * 2 * 6 * 16 * 2
 
 
 def test_conv1d_unbatched_input_counts_one_sample():
     model = nn.Conv1d(3, 5, 3)
-    assert sf.count_flops(model, (3, 10)) == (2 * 3 * 3 + 1) * 5 * 8
+    assert sf.count_flops(model, (3, 10)) == 2 * 3 * 3 * 5 * 8
 
 
-def test_transposed_conv_eq5_charges_output_size_macs_charges_true_cost():
+def test_transposed_conv_counts_its_true_cost():
     model = nn.ConvTranspose3d(4, 2, 2, stride=2, bias=False)
-    x = (1, 4, 3, 3, 3)  # output (1, 2, 6, 6, 6): V_out = 216, V_in = 27
-    assert sf.count_flops(model, x) == (2 * 8 * 4 + 1) * 2 * 216
-    # True cost: each of the 27 input voxels x 4 channels meets 8 taps x 2 output channels.
-    assert sf.count_flops(model, x, convention="macs") == 2 * 8 * 4 * 2 * 27
+    x = (1, 4, 3, 3, 3)  # output (1, 2, 6, 6, 6), input V_in = 27
+    # Each of the 27 input voxels x 4 channels meets 8 taps x 2 output channels.
+    assert sf.count_flops(model, x) == 2 * 8 * 4 * 2 * 27
 
 
-def test_grouped_transposed_conv1d_macs():
+def test_grouped_transposed_conv1d():
     model = nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2)
-    x = (1, 4, 5)  # output length (5-1)*2 + 3 = 11
-    assert sf.count_flops(model, x) == (2 * 3 * 2 + 1) * 6 * 11
-    assert sf.count_flops(model, x, convention="macs") == 2 * 3 * 4 * 3 * 5
+    assert sf.count_flops(model, (1, 4, 5)) == 2 * 3 * 4 * 3 * 5
 
 
 def test_linear_counts_every_leading_row():
     model = nn.Linear(5, 3)
-    assert sf.count_flops(model, (2, 7, 5)) == (2 * 5 + 1) * 3 * 14
-    assert sf.count_flops(model, (5,)) == (2 * 5 + 1) * 3
-    assert sf.count_flops(model, (2, 7, 5), convention="macs") == 2 * 5 * 3 * 14
+    assert sf.count_flops(model, (2, 7, 5)) == 2 * 5 * 3 * 14
+    assert sf.count_flops(model, (5,)) == 2 * 5 * 3
 
 
 def test_subclasses_are_counted_and_other_modules_are_free():
     model = nn.Sequential(ShiftLikeConv3d(1, 2, 1), nn.InstanceNorm3d(2), nn.LeakyReLU(), nn.MaxPool3d(2))
     flops = sf.count_flops(model, (1, 1, 2, 2, 2))
-    assert flops == (2 * 1 * 1 + 1) * 2 * 8
+    assert flops == 2 * 1 * 1 * 2 * 8
     assert [layer.kind for layer in flops.layers] == ["ShiftLikeConv3d"]
 
 
 def test_module_called_twice_is_counted_twice():
     lin = nn.Linear(4, 4)
     flops = sf.count_flops(nn.Sequential(lin, lin), (1, 4))
-    assert flops == 2 * (2 * 4 + 1) * 4
+    assert flops == 2 * (2 * 4 * 4)
     assert [layer.name for layer in flops.layers] == ["0", "0"]
 
 
-def test_density_scales_the_input_channel_term_only():
+def test_density_scales_each_targeted_layer():
     model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Conv3d(4, 4, 1))
     sparsity = FakeSparsity(model, {"0.weight": first_k(4, 2, 2)})  # density 0.25
-    x = (1, 2, 4, 4, 4)
-    flops = sf.count_flops(model, x, sparsity)
+    flops = sf.count_flops(model, (1, 2, 4, 4, 4), sparsity)
     assert [layer.density for layer in flops.layers] == [0.25, 1.0]
-    assert flops == (2 * 27 * 2 * 0.25 + 1) * 4 * 64 + (2 * 4 + 1) * 4 * 64
-    assert sf.count_flops(model, x, sparsity, convention="macs") == 2 * 27 * 2 * 4 * 64 * 0.25 + 2 * 4 * 4 * 64
-
-
-def test_bias_term_predicate_receives_qualified_names():
-    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.Sequential(nn.Conv2d(2, 2, 1)))
-    seen = []
-
-    def only_inner(name, module):
-        seen.append((name, type(module).__name__))
-        return name == "1.0"
-
-    flops = sf.count_flops(model, (1, 1, 3, 3), bias_term=only_inner)
-    assert sorted(seen) == [("0", "Conv2d"), ("1.0", "Conv2d")]
-    assert [layer.bias_term for layer in flops.layers] == [False, True]
-    assert flops == (2 * 1) * 2 * 9 + (2 * 2 + 1) * 2 * 9
+    assert flops == 2 * 27 * 2 * 4 * 64 * 0.25 + 2 * 4 * 4 * 64
 
 
 @settings(max_examples=25, deadline=None)
@@ -185,24 +162,35 @@ def test_bias_term_predicate_receives_qualified_names():
     batch=st.integers(1, 3),
     active=st.integers(0, 36),
 )
-def test_eq5_without_bias_equals_macs_for_plain_convs(c_in, c_out, k, stride, size, batch, active):
+def test_plain_conv_costs_its_active_multiply_accumulates(c_in, c_out, k, stride, size, batch, active):
     model = nn.Conv2d(c_in, c_out, k, stride=stride)
-    sparsity = FakeSparsity(model, {"weight": first_k(c_out, c_in, min(active, c_in * c_out))})
-    shape = (batch, c_in, size, size)
-    eq5 = sf.count_flops(model, shape, sparsity, bias_term=False)
-    macs = sf.count_flops(model, shape, sparsity, convention="macs")
-    assert math.isclose(eq5, macs, rel_tol=1e-12, abs_tol=1e-9)
+    active = min(active, c_in * c_out)
+    sparsity = FakeSparsity(model, {"weight": first_k(c_out, c_in, active)})
+    flops = sf.count_flops(model, (batch, c_in, size, size), sparsity)
     out = (size - k) // stride + 1
-    assert math.isclose(
-        macs, 2 * k * k * c_in * c_out * out * out * batch * sparsity.density("weight"), rel_tol=1e-12, abs_tol=1e-9
-    )
+    assert math.isclose(flops, 2 * k * k * active * out * out * batch, rel_tol=1e-12, abs_tol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    granularity=st.sampled_from(["element", "kernel", "channel", "input_channel"]),
+    density=st.floats(0.3, 1.0),
+    seed=st.integers(0, 100),
+)
+def test_recorded_density_is_the_sparsifiers_exactly(granularity, density, seed):
+    """The records' density, active weights / all weights, is ``DynamicSparsity.density(name)`` to the bit."""
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ConvTranspose2d(5, 4, 2), nn.Flatten(), nn.Linear(324, 7))
+    sparsity = sf.DynamicSparsity(model, None, density=density, granularity=granularity, seed=seed)
+    flops = sf.count_flops(model, (1, 3, 10, 10), sparsity)
+    assert {f"{layer.name}.weight": layer.density for layer in flops.layers} == {
+        name: sparsity.density(name) for name in sparsity.target_names
+    }
 
 
 def test_result_is_a_float_with_a_breakdown():
     model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Flatten(), nn.Linear(16, 3))
     flops = sf.count_flops(model, torch.zeros(1, 1, 2, 2, 2))
     assert isinstance(flops, float) and isinstance(flops, FlopCount)
-    assert flops.convention == "eq5"
     assert [(layer.name, layer.output_shape) for layer in flops.layers] == [("0", (1, 2, 2, 2, 2)), ("2", (1, 3))]
     assert float(flops) == math.fsum(layer.flops for layer in flops.layers)
     assert json.loads(json.dumps({"flops": flops})) == {"flops": float(flops)}
@@ -229,37 +217,26 @@ def test_large_input_is_counted_without_arithmetic():
     model = nn.Sequential(nn.Conv3d(1, 32, 3, padding=1), nn.Conv3d(32, 32, 3, padding=1))
     flops = sf.count_flops(model, (1, 1, 384, 384, 384))
     v = 384**3
-    assert flops == (2 * 27 * 1 + 1) * 32 * v + (2 * 27 * 32 + 1) * 32 * v
+    assert flops == 2 * 27 * 1 * 32 * v + 2 * 27 * 32 * 32 * v
 
 
 def test_channels_last_input_and_meta_model():
     with torch.device("meta"):
         model = nn.Conv3d(2, 3, 1)
     x = torch.randn(1, 2, 3, 3, 3).to(memory_format=torch.channels_last_3d)
-    assert sf.count_flops(model, x) == (2 * 2 + 1) * 3 * 27
+    assert sf.count_flops(model, x) == 2 * 2 * 3 * 27
 
 
 def test_count_flops_rejects_bad_input():
     model = nn.Conv2d(1, 1, 1)
-    with pytest.raises(ValueError, match="convention must be one of"):
-        sf.count_flops(model, (1, 1, 2, 2), convention="mac")
-    with pytest.raises(ValueError, match="bias_term only applies"):
-        sf.count_flops(model, (1, 1, 2, 2), convention="macs", bias_term=True)
-    with pytest.raises(TypeError, match="bias_term must be a bool or a callable"):
-        sf.count_flops(model, (1, 1, 2, 2), bias_term=1)
     with pytest.raises(ValueError, match="positive ints"):
         sf.count_flops(model, (1, 1, 0, 2))
     with pytest.raises(TypeError, match="example_input must be a tensor or a shape"):
         sf.count_flops(model, "1x1x2x2")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         sf.count_flops(None, (1, 1, 2, 2))
-
-    class BadDensity(FakeSparsity):
-        def density(self, name):
-            return 1.5
-
-    with pytest.raises(ValueError, match=r"density\('weight'\) must be in \[0, 1\]"):
-        sf.count_flops(model, (1, 1, 2, 2), BadDensity(model, {"weight": first_k(1, 1, 1)}))
+    with pytest.raises(TypeError, match="sparsefuse.Sparsity protocol"):
+        sf.count_flops(model, (1, 1, 2, 2), {"weight": torch.ones(1, 1, 1, 1, dtype=torch.bool)})
 
 
 def test_data_dependent_forward_gets_a_clear_error():
@@ -269,46 +246,3 @@ def test_data_dependent_forward_gets_a_clear_error():
 
     with pytest.raises(RuntimeError, match="meta device"):
         sf.count_flops(ReadsValues(), (1, 2))
-
-
-# -------------------------------------------------------------------------------------------- pt_score
-def test_pt_score_by_hand():
-    # 80/90 = 32/36 and 10/20 + 100/300 = 5/6: PT = 32/36 + 15/36 = 47/36 (alpha 1, 0.5), 64/36 + 30/36 = 47/18 (2, 1).
-    assert sf.pt_score(80, 20, 300, mdice_max=90, params_min=10, flops_min=100) == pytest.approx(47 / 36)
-    assert sf.pt_score(80, 20, 300, mdice_max=90, params_min=10, flops_min=100, alpha1=2, alpha2=1) == pytest.approx(
-        47 / 18
-    )
-
-
-@pytest.mark.parametrize(
-    "mdice, params, flops, published",
-    [
-        (90.3, 11.23, 969.32, 1.54),  # E2ENet* s=0.7
-        (90.3, 9.44, 778.74, 1.65),  # E2ENet* s=0.8
-        (89.9, 7.64, 492.29, 1.89),  # E2ENet* s=0.9
-        (77.1, 41.87, 1510.53, 1.07),  # CoTr
-        (90.5, 30.76, 1067.89, 1.31),  # nnUNet with postprocessing
-    ],
-)
-def test_pt_score_reproduces_paper_table1(mdice, params, flops, published):
-    amos = dict(mdice_max=90.5, params_min=7.64, flops_min=391.03)
-    assert round(sf.pt_score(mdice, params, flops, **amos), 2) == published
-
-
-@pytest.mark.parametrize(
-    "kwargs, error, message",
-    [
-        (dict(params=0), ValueError, "params must be a finite number > 0"),
-        (dict(flops=-1.0), ValueError, "flops must be a finite number > 0"),
-        (dict(mdice_max=float("nan")), ValueError, "mdice_max must be a finite number > 0"),
-        (dict(mdice=-1), ValueError, "mdice must be a finite number >= 0"),
-        (dict(alpha2=float("inf")), ValueError, "alpha2 must be a finite number >= 0"),
-        (dict(params_min="7.64"), TypeError, "params_min must be a real number"),
-        (dict(mdice=True), TypeError, "mdice must be a real number"),
-    ],
-)
-def test_pt_score_rejects_bad_values(kwargs, error, message):
-    args = dict(mdice=90.0, params=10.0, flops=100.0, mdice_max=91.0, params_min=5.0, flops_min=50.0)
-    args.update(kwargs)
-    with pytest.raises(error, match=message):
-        sf.pt_score(args.pop("mdice"), args.pop("params"), args.pop("flops"), **args)

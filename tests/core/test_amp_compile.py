@@ -18,7 +18,7 @@ def make(scaler=None, growth=None, every=2):
         optimizer,
         density=0.4,
         growth=growth or sf.growth.Gradient(),
-        schedule=sf.schedules.Constant(every=every, alpha=0.5),
+        schedule=sf.schedules.Constant(every=every, drop_fraction=0.5),
         scaler=scaler,
     )
     return model, optimizer, sparsity
@@ -89,8 +89,8 @@ def test_compiled_model_is_not_recompiled_by_topology_updates():
         return gm.forward
 
     torch._dynamo.reset()
-    model, optimizer, sparsity = make(growth=sf.growth.Random(), every=1)
-    eager = make(growth=sf.growth.Random(), every=1)
+    model, optimizer, sparsity = make(growth=sf.growth.RandomGrowth(), every=1)
+    eager = make(growth=sf.growth.RandomGrowth(), every=1)
     compiled = torch.compile(model, backend=counting_backend)
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
     for _ in range(5):

@@ -1,4 +1,4 @@
-"""sparsefuse.compact: the compacted model computes what the masked model computes, saves, loads and exports.
+"""sparsefuse.compaction: the compacted model computes what the masked model computes, saves, loads and exports.
 
 Tolerance: float32 outputs agree to ``1e-5 * max(1, max |masked output|)``; the compacted layers add the same
 nonzero terms as the masked dense ones, only in another order (and with other conv algorithms).
@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsefuse as sf
-from sparsefuse.compact import load_sparse_state_dict, sparse_state_dict
+from sparsefuse import load_sparse_state_dict, sparse_state_dict
+from tests.core.strategies import keeping_a_group
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 RELATIVE_TOLERANCE = 1e-5
@@ -105,7 +106,8 @@ def layer_specs(draw, max_layers: int = 4):
 
 
 class FixedMasks:
-    """A duck-typed sparsity: any weight-shaped masks, so dead inputs, dead outputs and scattered zeros mix."""
+    """A sparsity from elsewhere: any weight-shaped masks (element groups), so dead inputs, dead outputs and
+    scattered zeros mix."""
 
     def __init__(self, masks: dict[str, torch.Tensor]):
         self.masks = masks
@@ -113,6 +115,9 @@ class FixedMasks:
 
     def weight_mask(self, name: str) -> torch.Tensor:
         return self.masks[name]
+
+    def granularity_of(self, name: str) -> sf.masks.Granularity:
+        return sf.masks.Element()
 
 
 def random_masks(model: nn.Module, generator: torch.Generator, p_dead: float) -> FixedMasks:
@@ -168,7 +173,9 @@ def test_compacted_model_equals_masked_model(specs, granularity, density, seed, 
     if granularity == "fixed":
         sparsity = random_masks(model, torch.Generator().manual_seed(seed), p_dead)
     else:
-        sparsity = sf.DynamicSparsity(model, None, density=density, granularity=granularity, seed=seed)
+        sparsity = keeping_a_group(
+            lambda: sf.DynamicSparsity(model, None, density=density, granularity=granularity, seed=seed)
+        )
     with torch.no_grad():  # weights off the mask are not zero: compact must mask them itself
         for p in model.parameters():
             p.add_(0.1)
@@ -216,7 +223,11 @@ def shift_and_fusion_model() -> nn.Sequential:
 def trained_masks(model: nn.Module, granularity: str) -> sf.DynamicSparsity:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sparsity = sf.DynamicSparsity(
-        model, optimizer, density=0.3, granularity=granularity, schedule=sf.schedules.Constant(every=2, alpha=0.5)
+        model,
+        optimizer,
+        density=0.3,
+        granularity=granularity,
+        schedule=sf.schedules.Constant(every=2, drop_fraction=0.5),
     )
     for step in range(4):
         optimizer.zero_grad()
@@ -352,8 +363,12 @@ def test_unknown_layers_and_attention_projections_stay_masked():
 def test_sparsity_for_another_model_is_refused():
     with pytest.raises(ValueError, match="not parameters of this model"):
         sf.compact(nn.Linear(3, 3), FixedMasks({"0.weight": torch.ones(3, 3, dtype=torch.bool)}))
-    with pytest.raises(TypeError, match="target_names and weight_mask"):
+    with pytest.raises(
+        TypeError, match="the sparsefuse.Sparsity protocol.*dict lacks target_names, masks, weight_mask, granularity_of"
+    ):
         sf.compact(nn.Linear(3, 3), {"weight": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"weight_mask\('weight'\) has shape \(3,\) but the weight has shape"):
+        sf.compact(nn.Linear(3, 3), FixedMasks({"weight": torch.ones(3, dtype=torch.bool)}))
 
 
 def test_targets_that_are_not_a_layer_weight_are_still_masked():
@@ -428,8 +443,10 @@ def test_sparse_state_dict_refuses_another_granularity_or_model():
     weight_masks_only = types.SimpleNamespace(
         target_names=("0.weight",), weight_mask=lambda name: torch.ones(8, 12, 1, 3, 3, dtype=torch.bool)
     )
-    with pytest.raises(TypeError, match="group masks"):
+    with pytest.raises(TypeError, match="lacks masks, granularity_of"):
         sparse_state_dict(model, weight_masks_only)
+    with pytest.raises(TypeError, match="loads the saved masks into a sparsefuse.DynamicSparsity"):
+        load_sparse_state_dict(fresh, FixedMasks({}), saved)
 
 
 def test_masks_of_one_shape_but_another_granularity_are_refused():

@@ -22,7 +22,7 @@ import sparsefuse as sf
 WORLD = 2
 STEPS = 8
 GLOBAL_BATCH = 16
-GROWTHS = {"rigl": sf.growth.Gradient, "set": sf.growth.Random}
+GROWTHS = {"rigl": sf.growth.Gradient, "set": sf.growth.RandomGrowth}
 
 
 class Net(nn.Module):
@@ -46,7 +46,7 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(model: nn.Module, growth: str, seed: int = 7, targets=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    schedule = sf.schedules.CosineDecay(every=2, alpha=0.3, total_steps=10)
+    schedule = sf.schedules.CosineDecay(every=2, drop_fraction=0.3, total_steps=10)
     sparsity = sf.DynamicSparsity(
         model, optimizer, density=0.3, growth=GROWTHS[growth](), schedule=schedule, seed=seed, targets=targets
     )

@@ -14,9 +14,9 @@ import sparsefuse as sf
 
 
 # Golden values, derived by hand from cos at special angles (cos(pi/6) = sqrt(3)/2, cos(pi/4) = sqrt(2)/2,
-# cos(pi/3) = 1/2) in the paper's Algorithm 1, f(t) = alpha/2 * (1 + cos(pi * t / T)), and 0 from T on.
+# cos(pi/3) = 1/2) in the paper's Algorithm 1, f(t) = drop_fraction/2 * (1 + cos(pi * t / T)), and 0 from T on.
 @pytest.mark.parametrize(
-    "alpha, total, step, golden",
+    "drop_fraction, total, step, golden",
     [
         (0.5, 100, 0, 0.5),
         (0.5, 100, 25, 0.42677669529663687),  # 1/4 + sqrt(2)/8
@@ -30,33 +30,34 @@ import sparsefuse as sf
         (0.3, 300, 250, 0.02009618943233421),  # 0.15 * (1 - sqrt(3)/2)
     ],
 )
-def test_cosine_decay_golden_values(alpha, total, step, golden):
-    schedule = sf.schedules.CosineDecay(every=10, alpha=alpha, total_steps=total)
+def test_cosine_decay_golden_values(drop_fraction, total, step, golden):
+    schedule = sf.schedules.CosineDecay(every=10, drop_fraction=drop_fraction, total_steps=total)
     assert schedule.fraction(step) == pytest.approx(golden, abs=1e-12)
 
 
-@given(alpha=st.floats(0.01, 1.0), total=st.integers(1, 10_000), data=st.data())
-def test_cosine_decay_falls_from_alpha_symmetrically_to_zero(alpha, total, data):
-    """Properties of the half cosine, not its formula: f(0) = alpha, f(t) + f(T - t) = alpha, falling, 0 from T."""
-    schedule = sf.schedules.CosineDecay(every=10, alpha=alpha, total_steps=total)
+@given(drop_fraction=st.floats(0.01, 1.0), total=st.integers(1, 10_000), data=st.data())
+def test_cosine_decay_falls_from_drop_fraction_symmetrically_to_zero(drop_fraction, total, data):
+    """Properties of the half cosine, not its formula: f(0) = drop_fraction, f(t) + f(T - t) = drop_fraction,
+    falling, 0 from T."""
+    schedule = sf.schedules.CosineDecay(every=10, drop_fraction=drop_fraction, total_steps=total)
     step = data.draw(st.integers(0, total))
-    assert schedule.fraction(0) == pytest.approx(alpha, abs=1e-12)
-    assert schedule.fraction(step) + schedule.fraction(total - step) == pytest.approx(alpha, abs=1e-12)
+    assert schedule.fraction(0) == pytest.approx(drop_fraction, abs=1e-12)
+    assert schedule.fraction(step) + schedule.fraction(total - step) == pytest.approx(drop_fraction, abs=1e-12)
     assert schedule.fraction(min(step + 1, total)) <= schedule.fraction(step) + 1e-12
     assert schedule.fraction(total + data.draw(st.integers(0, total))) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_update_steps_are_multiples_of_every_up_to_stop():
-    schedule = sf.schedules.CosineDecay(every=3, alpha=0.5, total_steps=100, stop=10)
+    schedule = sf.schedules.CosineDecay(every=3, drop_fraction=0.5, total_steps=100, stop=10)
     assert [t for t in range(1, 20) if schedule.is_update(t)] == [3, 6, 9]
-    assert sf.schedules.Linear(every=1, alpha=0.4, total_steps=4).fraction(1) == pytest.approx(0.3)
-    assert sf.schedules.Constant(every=5, alpha=0.2).fraction(12345) == 0.2
+    assert sf.schedules.Linear(every=1, drop_fraction=0.4, total_steps=4).fraction(1) == pytest.approx(0.3)
+    assert sf.schedules.Constant(every=5, drop_fraction=0.2).fraction(12345) == 0.2
 
 
 def test_base_classes_are_abstract():
     """Schedule, Scorer and Growth cannot be built until a subclass defines fraction() / __call__()."""
     with pytest.raises(TypeError, match="abstract"):
-        sf.schedules.Schedule(every=1, alpha=0.5)
+        sf.schedules.Schedule(every=1, drop_fraction=0.5)
     for base in (sf.scorers.Scorer, sf.growth.Growth):
         with pytest.raises(TypeError, match="abstract"):
             base()

@@ -24,9 +24,9 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 STEPS = 10
 
 
-def build(specs, granularity, density, scorer, growth, grace_updates, alpha=0.5, seed=0):
+def build(specs, granularity, density, scorer, growth, grace_updates, drop_fraction=0.5, seed=0):
     """SGD, an update every step; ``seed`` draws the weights and seeds the sparsity."""
-    schedule = sf.schedules.Constant(every=1, alpha=alpha)
+    schedule = sf.schedules.Constant(every=1, drop_fraction=drop_fraction)
     return strategies.build(
         specs,
         granularity,
@@ -48,12 +48,12 @@ def build(specs, granularity, density, scorer, growth, grace_updates, alpha=0.5,
     scorer=scorers,
     growth=growths,
     grace=st.integers(0, 3),
-    alpha=st.floats(0.1, 1.0),
+    drop_fraction=st.floats(0.1, 1.0),
 )
-def test_grace_protects_regrown_groups_and_counts_are_true(data, density, scorer, growth, grace, alpha):
+def test_grace_protects_regrown_groups_and_counts_are_true(data, density, scorer, growth, grace, drop_fraction):
     granularity = data.draw(granularities())
     specs = data.draw(layer_specs(granularity))
-    model, optimizer, sparsity = build(specs, granularity, density, scorer, growth, grace, alpha=alpha)
+    model, optimizer, sparsity = build(specs, granularity, density, scorer, growth, grace, drop_fraction=drop_fraction)
     start = sparsity.masks
     active_counts = {n: int(m.sum()) for n, m in start.items()}
     explored = {n: m.reshape(-1).clone() for n, m in start.items()}
@@ -112,7 +112,11 @@ def test_zero_initialised_regrowth_survives_only_with_grace():
         model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1))
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
         sparsity = sf.DynamicSparsity(
-            model, optimizer, density=0.3, schedule=sf.schedules.Constant(every=1, alpha=0.3), grace_updates=grace
+            model,
+            optimizer,
+            density=0.3,
+            schedule=sf.schedules.Constant(every=1, drop_fraction=0.3),
+            grace_updates=grace,
         )
         x = torch.randn(2, 8, 6, 6)
         reports = []

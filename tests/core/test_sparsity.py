@@ -121,7 +121,7 @@ def test_global_density_matches_target_with_er_and_erk(data, density, kind):
     """Invariant 6 (second half): the layer densities average exactly to the target; only rounding to whole
     groups moves the realised density, by at most half a group per layer."""
     specs = data.draw(layer_specs("element", max_layers=5))
-    model, _, sparsity = build(specs, "element", "sgd", density, None, None, None, distribution=kind)
+    model, _, sparsity = build(specs, "element", "sgd", density, None, "l1", "random", distribution=kind)
     shapes = {n: tuple(w.shape) for n, w in weights(model, sparsity).items()}
     layer_density = sf.distribution.layer_densities(shapes, density, kind)
     total = sum(math.prod(s) for s in shapes.values())
@@ -164,7 +164,9 @@ def test_decisions_ignore_the_global_rng(data, density, schedule, growth, noise_
     specs = data.draw(layer_specs(granularity))
     runs = []
     for global_seed in (noise_seed, noise_seed + 1):
-        model, optimizer, sparsity = build(specs, granularity, "sgd", density, schedule, sf.scorers.Random(), growth)
+        model, optimizer, sparsity = build(
+            specs, granularity, "sgd", density, schedule, sf.scorers.RandomDrop(), growth
+        )
         torch.manual_seed(global_seed)
         for step in range(1, STEPS + 1):
             state = torch.get_rng_state()
@@ -185,7 +187,7 @@ def test_gradient_growth_picks_largest_dense_gradients_among_inactive():
         density=0.25,
         granularity="kernel",
         growth=sf.growth.Gradient(),
-        schedule=sf.schedules.Constant(every=1, alpha=0.5),
+        schedule=sf.schedules.Constant(every=1, drop_fraction=0.5),
     )
     model(torch.randn(2, 6, 5, 5)).square().sum().backward()
     grad = model[0].weight.grad.clone()
@@ -218,7 +220,7 @@ def test_regrow_init_reinit_gives_fresh_values_and_zeros_gives_zero():
             density=0.5,
             granularity="element",
             regrow_init=init,
-            schedule=sf.schedules.Constant(every=1, alpha=0.5),
+            schedule=sf.schedules.Constant(every=1, drop_fraction=0.5),
         )
         before = sparsity.masks["weight"]
         model(torch.randn(3, 20)).sum().backward()
@@ -236,10 +238,13 @@ def test_static_schedule_never_changes_topology_and_default_targets():
     model = nn.Sequential(
         nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.ConvTranspose3d(4, 2, 2), nn.Flatten(), nn.Linear(8, 3)
     )
-    sparsity = sf.DynamicSparsity(model, torch.optim.SGD(model.parameters(), lr=0.1), density=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsity = sf.DynamicSparsity(model, optimizer, density=0.5)
     assert sparsity.target_names == ("0.weight", "2.weight", "4.weight")
     masks = sparsity.masks
-    assert all(sparsity.step() is None for _ in range(5))
+    for _ in range(5):
+        optimizer.step()
+        assert sparsity.step() is None
     assert all(torch.equal(masks[n], sparsity.masks[n]) for n in masks)
 
 
@@ -295,11 +300,11 @@ def test_targets_outside_the_optimizer_are_refused():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        (dict(every=0, alpha=0.5), "every must be a positive int"),
-        (dict(every=-3, alpha=0.5), "every must be a positive int"),
-        (dict(every=10, alpha=0.0), "alpha must be in"),
-        (dict(every=10, alpha=0.5, total_steps=0), "total_steps"),
-        (dict(every=10, alpha=0.5, total_steps=100, stop=0), "stop"),
+        (dict(every=0, drop_fraction=0.5), "every must be a positive int"),
+        (dict(every=-3, drop_fraction=0.5), "every must be a positive int"),
+        (dict(every=10, drop_fraction=0.0), "drop_fraction must be in"),
+        (dict(every=10, drop_fraction=0.5, total_steps=0), "total_steps"),
+        (dict(every=10, drop_fraction=0.5, total_steps=100, stop=0), "stop"),
     ],
 )
 def test_bad_schedules_are_refused(kwargs, pattern):
@@ -334,7 +339,7 @@ def test_state_dict_from_another_model_is_refused():
 def test_gradient_growth_without_gradient_says_when_to_call_step():
     model, opt = _model_and_opt()
     sparsity = sf.DynamicSparsity(
-        model, opt, growth=sf.growth.Gradient(), schedule=sf.schedules.Constant(every=1, alpha=0.5)
+        model, opt, growth=sf.growth.Gradient(), schedule=sf.schedules.Constant(every=1, drop_fraction=0.5)
     )
     with pytest.raises(RuntimeError, match="before optimizer.zero_grad"):
         sparsity.step()
