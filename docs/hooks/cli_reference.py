@@ -23,6 +23,8 @@ PAGE = "cli.md"
 WIDTH = 88  # argparse wraps usage and option help at COLUMNS - 2
 MARKER = re.compile(r"^<!-- cli: (?P<name>[\w-]+) -->$", re.MULTILINE)
 SECTION = re.compile(r"^(options|optional arguments|positional arguments):$", re.MULTILINE)
+# Sphinx roles in the modules' docstrings (:class:`~pkg.Name`), shown as plain code spans.
+ROLE = re.compile(r":(?:class|func|meth|mod|attr|obj|data|exc):`(?P<tilde>~?)(?P<target>[^`]+)`")
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,10 @@ def command_main(command: Command):
     try:
         module = importlib.import_module(command.module)
     except Exception as error:  # any import failure: say which command, and what to do about it
+        missing = error.name if isinstance(error, ModuleNotFoundError) else None
         fix = (
             'install the project with its examples extra where mkdocs runs: pip install -e ".[examples,docs]"'
-            if isinstance(error, ModuleNotFoundError)
+            if missing and missing.split(".")[0] not in ("sparsefuse", "e2enet")
             else "fix the import error"
         )
         raise PluginError(
@@ -98,6 +101,11 @@ def help_text(command: Command, argv: list[str]) -> str:
     return text
 
 
+def plain_role(match: re.Match) -> str:
+    target = match["target"]
+    return f"`{target.rsplit('.', 1)[-1] if match['tilde'] else target}`"
+
+
 def render(text: str) -> str:
     """Usage and options as code, the description between them as Markdown."""
     usage, _, rest = text.partition("\n\n")
@@ -105,7 +113,7 @@ def render(text: str) -> str:
     description, options = (rest[: found.start()], rest[found.start() :]) if found else (rest, "")
     parts = [f"```text\n{usage}\n```"]
     if description.strip():
-        parts.append(description.strip("\n"))
+        parts.append(ROLE.sub(plain_role, description.strip("\n")))
     if options.strip():
         parts.append(f"```text\n{options.rstrip()}\n```")
     return "\n\n".join(parts)
