@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from e2enet.nets.e2enet import E2ENet
-from sparsefuse.compact import target_weight_masks
 from sparsefuse.nn import ChannelsLastInstanceNorm3d, DepthShiftConv3d
+from sparsefuse.protocol import target_weight_masks
 
 __all__ = ["ChannelLiveness", "NodePlan", "UnitPlan", "active_pairs", "weight_masks"]
 

@@ -39,7 +39,7 @@ from e2enet.inference.compact_layers import (
     to_memory_format,
 )
 from e2enet.nets.e2enet import E2ENet
-from sparsefuse.compact import LayerCompaction
+from sparsefuse.compaction import LayerCompaction
 from sparsefuse.distributed import unwrap_model
 from sparsefuse.nn import DepthShiftConv3d
 from sparsefuse.nn.shift import shift_plan
