@@ -51,7 +51,7 @@ from e2enet.inference.compaction import channel_assembly, compact_e2enet, e2enet
 from e2enet.nets.dynunet import build_dynunet
 from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets, is_fusion_conv
 from e2enet.nets.registry import output_list
-from sparsefuse.compact import sparse_state_dict
+from sparsefuse.serialization import sparse_state_dict
 
 IN_CHANNELS, NUM_CLASSES = 1, 16  # CT, AMOS's 15 organs + background
 DENSITIES = (0.2, 0.1)
@@ -146,7 +146,7 @@ def gflops(arch: str, patch: int, plan: dict | None = None) -> float:
     with torch.device("meta"):
         model = (dynunet if arch == "DynUNet" else e2enet)("paper")
     if plan is None:
-        return float(sf.count_flops(model, shape, convention="macs")) / 1e9
+        return float(sf.count_flops(model, shape)) / 1e9
     total = 0.0
 
     def count(name: str):

@@ -13,11 +13,13 @@ training can be passed to :func:`account` instead.
 
 Counting rule (spec section 3, reproduces all published numbers):
 
-* Params: eq. 4 via :func:`sparsefuse.count_params` (biases and norms count).
-* FLOPs ("eq5"): eq. 5 over every conv and transposed conv, all four
-  deep-supervision heads included, transposed convs at their output size, and the
-  "+1" term only on fusion convs (:func:`model.is_fusion_conv`).
-* FLOPs ("macs"): the true cost, 2 x multiply-accumulates, for comparison.
+* Params: eq. 4 via ``sparsefuse.count_params`` (biases and norms count).
+* FLOPs ("eq5"): eq. 5 (:func:`e2enet.experiments.paper_counting.eq5_flops`) over
+  every conv and transposed conv, all four deep-supervision heads included,
+  transposed convs at their output size, and the "+1" term only on fusion convs
+  (:func:`e2enet.nets.e2enet.is_fusion_conv`).
+* FLOPs ("macs"): the true cost, 2 x multiply-accumulates (``sparsefuse.count_flops``), for comparison.
+* PT score: eq. 7 (:func:`e2enet.experiments.paper_counting.pt_score`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 import sparsefuse as sf
+from e2enet.experiments.paper_counting import eq5_flops, pt_score
 from e2enet.nets.e2enet import E2ENet, build_e2enet, e2enet_fusion_targets, is_fusion_conv
 
 __all__ = [
@@ -105,8 +108,8 @@ def account(model: E2ENet, patch: Sequence[int], sparsity=None) -> dict:
     was_training = model.training
     model.train()
     try:
-        flops = sf.count_flops(model, shape, sparsity, convention="eq5", bias_term=is_fusion_conv)
-        flops_macs = sf.count_flops(model, shape, sparsity, convention="macs")
+        flops = eq5_flops(model, shape, sparsity, bias_term=is_fusion_conv)
+        flops_macs = sf.count_flops(model, shape, sparsity)
     finally:
         model.train(was_training)
     params = dict(model.named_parameters())
@@ -157,7 +160,7 @@ def report(
     if mdice is not None:
         refs = dict(pt_references or PAPER_PT_REFERENCES["amos"])
         result["pt_references"] = refs
-        result["pt_score"] = sf.pt_score(mdice, sparse["params"] / 1e6, sparse["flops"] / 1e9, **refs)
+        result["pt_score"] = pt_score(mdice, sparse["params"] / 1e6, sparse["flops"] / 1e9, **refs)
     return result
 
 
