@@ -50,9 +50,11 @@ def run(method: str, density: float, epochs: int, seed: int, data) -> dict:
     sparsity = None
     if method != "dense":
         schedule = (
-            None if method == "static" else sf.schedules.CosineDecay(every=20, alpha=0.3, total_steps=int(0.75 * steps))
+            None
+            if method == "static"
+            else sf.schedules.CosineDecay(every=20, drop_fraction=0.3, total_steps=int(0.75 * steps))
         )
-        growth = sf.growth.Gradient() if method == "rigl" else sf.growth.Random()
+        growth = sf.growth.Gradient() if method == "rigl" else sf.growth.RandomGrowth()
         # Element granularity for every layer: the kernel of a 3x3 conv on 8x8 digits is too coarse a unit.
         sparsity = sf.DynamicSparsity(
             model,

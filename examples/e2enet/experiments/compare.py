@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sparsefuse as sf
 from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
 from e2enet.experiments import accounting
+from e2enet.experiments.paper_counting import pt_score
 from e2enet.inference import predict
 from e2enet.training.config import RunConfig, as_flags, make_config
 from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
@@ -133,7 +133,7 @@ def add_pt_scores(rows: list[dict]) -> dict:
         flops_min=min(r["flops"] for r in rows),
     )
     for r in rows:
-        r["pt"] = sf.pt_score(r["mdice"], r["params"], r["flops"], **references)
+        r["pt"] = pt_score(r["mdice"], r["params"], r["flops"], **references)
     return references
 
 

@@ -39,7 +39,7 @@ from e2enet.training.run_folder import claim_fold, run_record
 
 # Which fusion layers DSFF masks: all of them (the paper), or the fusion convs alone with the transposed convs dense.
 SPARSE_LAYERS = {"fusion": e2enet_fusion_targets, "fusion-convs": is_fusion_conv}
-GROWTH = {"random": sf.growth.Random, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
+GROWTH = {"random": sf.growth.RandomGrowth, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -95,7 +95,7 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
         None
         if s.static
         else sf.schedules.CosineDecay(
-            every=u.update_every, alpha=u.drop_fraction, total_steps=last_update, stop=last_update
+            every=u.update_every, drop_fraction=u.drop_fraction, total_steps=last_update, stop=last_update
         )
     )
     return sf.DynamicSparsity(
