@@ -1,6 +1,6 @@
 """E2ENet learns at a CPU budget: a short run of the cpu-demo recipe must learn every tissue class.
 
-The guard for the accuracy fixes (docs/e2enet.md, "Accuracy at CPU budgets"). On this case and budget the
+The guard for the accuracy fixes (docs/results/log.md). On this case and budget the
 authors' configuration (shifted (1,3,3) stem, widths 8-64, nnU-Net augmentation) reached mDice 0.46 with CSF
 never predicted (Dice 0); the first cpu-demo recipe reached 0.54 with every class above 0.1, and today's (3x3x3
 strided convs, widths 12-64) 0.70 with CSF at 0.48. The floors sit between the authors' and the first recipe's.

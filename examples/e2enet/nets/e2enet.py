@@ -65,8 +65,8 @@ DOWNSAMPLINGS = ("unit", "shift", "full")
 
 # Keyword arguments of E2ENet per preset. "paper" is the authors' network as trained for AMOS/BTCV/BraTS (5
 # isotropic (2,2,2) pools, 48 -> 320 channels). "cpu-demo" keeps the topology (dense fusion, transposed convs, deep
-# supervision) at a size that trains on 2 CPU cores, with the changes that the ablations in docs/e2enet.md
-# ("Accuracy at CPU budgets") call for: a 3x3x3 stem (the authors' shifted (1,3,3) first conv sees one slice of a
+# supervision) at a size that trains on 2 CPU cores, with the changes that the ablations in docs/results/log.md
+# call for: a 3x3x3 stem (the authors' shifted (1,3,3) first conv sees one slice of a
 # 1-channel image, and thin structures were never learnt); no depth shift, which at these widths (groups of 4
 # channels) and budgets cost accuracy and left classes unlearnt on some seeds; 3x3x3 strided convs, because without
 # the shift a (1,3,3) stride-2 conv reads every other slice and the deep levels learnt context late; and widths

@@ -42,7 +42,7 @@ from e2enet.preprocessing.preprocess import load_preprocessed_case
 
 OVERSAMPLE_FOREGROUND = 0.33
 # Augmentation recipes (train.py --augment). "nnunet" is the E2ENet trainer's, made for 250,000 iterations; in a
-# run of a few thousand it slows learning more than it regularises (docs/e2enet.md, "Accuracy at CPU budgets").
+# run of a few thousand it slows learning more than it regularises (docs/results/log.md).
 # "light" keeps the cheap intensity changes (brightness, contrast, gamma) and mirroring, no resampling or noise.
 AUGMENTATIONS = ("nnunet", "light", "none")
 ALL_AXES = (0, 1, 2)
