@@ -53,6 +53,8 @@ def frozen_error(name: str, step: int) -> RuntimeError:
 
 def check_attached(targets: Iterable[Target]) -> None:
     """Refuse to mask a weight the model no longer holds."""
+    if all(t.attached for t in targets):
+        return
     replaced = [t.name for t in targets if not t.attached]
     if replaced:
         raise RuntimeError(

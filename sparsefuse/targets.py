@@ -161,4 +161,5 @@ class Target:
     @property
     def attached(self) -> bool:
         """Whether the model still holds ``param`` (``load_state_dict(..., assign=True)`` replaces it)."""
-        return getattr(self.owner, self.leaf, None) is self.param
+        held = self.owner._parameters  # a dict lookup: getattr on a module costs ~8x more, on every step
+        return (held[self.leaf] if self.leaf in held else getattr(self.owner, self.leaf, None)) is self.param
