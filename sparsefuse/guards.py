@@ -45,9 +45,9 @@ def check_not_frozen(targets: Iterable[Target], optimizer: torch.optim.Optimizer
 
 def frozen_error(name: str, step: int) -> RuntimeError:
     return RuntimeError(
-        f"{name!r} is frozen (requires_grad=False) at update step {step}: it was frozen after DynamicSparsity was "
-        f"built, and the groups an update regrows in it could never train. Unfreeze it, or build the sparsifier "
-        f"without it (targets=...) once it is frozen"
+        f"{name!r} is frozen (requires_grad=False) at update step {step}: it gets no gradient, and the groups an "
+        f"update regrows in it could never train. Unfreeze it (requires_grad_(True)), or build the sparsifier "
+        f"without it (targets=...)"
     )
 
 

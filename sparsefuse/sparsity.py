@@ -209,7 +209,8 @@ class DynamicSparsity:
         needs_grad = getattr(self.scorer, "needs_grad", False) or getattr(self.growth, "needs_grad", False)
         for index, t in enumerate(self._targets):
             grad = t.param.grad
-            if not t.param.requires_grad:
+            # Without an optimizer nothing trains, so a frozen weight matters only to gradient policies.
+            if not t.param.requires_grad and (needs_grad or self.optimizer is not None):
                 raise frozen_error(t.name, step)
             if needs_grad and grad is None:
                 raise RuntimeError(

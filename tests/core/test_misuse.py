@@ -150,3 +150,12 @@ def test_without_an_optimizer_step_drives_the_schedule_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 1))
     sparsity = sf.DynamicSparsity(model, None, density=0.5, schedule=sf.schedules.Constant(1, 0.5))
     assert all(sparsity.step() is not None for _ in range(3))
+
+
+def test_frozen_weights_without_an_optimizer_matter_only_to_gradient_growth():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).requires_grad_(False)
+    schedule = sf.schedules.Constant(every=1, drop_fraction=0.5)
+    assert sf.DynamicSparsity(model, None, density=0.5, schedule=schedule).step() is not None
+    sparsity = sf.DynamicSparsity(model, None, density=0.5, growth="gradient", schedule=schedule)
+    with pytest.raises(RuntimeError, match=r"'0.weight' is frozen \(requires_grad=False\) at update step 1"):
+        sparsity.step()
