@@ -1,43 +1,45 @@
-"""Build the embedded default dataset: brain tissue segmentation from nilearn's MNI152 template.
+"""Build the embedded datasets: segmentation tasks rendered from nilearn's MNI152 template, nothing downloaded.
 
-``python examples/e2enet/prepare_mni.py --out DIR [--task tissue|regions] [--cases 8] [--test-cases 2] [--seed 0]
-[--spacing 2.5]`` writes ``DIR/Dataset990_MNITissue`` (or ``Dataset991_MNIRegions``) in the nnU-Net v2 raw layout::
+``python examples/e2enet/prepare_mni.py --out DIR [--task NAME] [--cases 8] [--test-cases 2] [--seed 0]
+[--spacing MM]`` writes ``DIR/Dataset990_MNITissue`` (or the folder of another task,
+:mod:`e2enet.dataset.mni_tasks`) in the nnU-Net v2 raw layout::
 
-    dataset.json              channel_names {"0": "T1"}, labels name -> int, numTraining, file_ending
+    dataset.json              channel_names ({"0": "T1"}, ...), labels name -> int, numTraining, file_ending
     imagesTr/mni_train_000_0000.nii.gz ...   labelsTr/mni_train_000.nii.gz ...
     imagesTs/mni_test_000_0000.nii.gz ...    labelsTs/mni_test_000.nii.gz ...   (labels for evaluation)
     mni_provenance.json       seed, held-out region and the drawn parameters of every case
 
 Nothing is downloaded: the T1 template and the grey/white-matter probability maps ship inside the
-nilearn wheel (``load_mni152_template``, ``load_mni152_gm_template``, ``load_mni152_wm_template``).
+nilearn wheel (``load_mni152_template``, ``load_mni152_gm_template``, ``load_mni152_wm_template``),
+and so do the coordinate tables some tasks place their classes with (:mod:`e2enet.dataset.mni_tasks`).
 
-Labels
-    0 background (outside the brain), 1 grey matter, 2 white matter, 3 CSF/other inside the brain.
-    The brain is the template above 0.2 (the threshold of nilearn's ``load_mni152_brain_mask``);
-    inside it each voxel takes the argmax of (1 - p_gm - p_wm, p_gm, p_wm) after warping.
-
-The harder task (``--task regions``, Dataset991_MNIRegions)
-    The same tissue in 7 foreground classes: grey matter left/right x front/back, white matter
-    left/right, CSF/other; the hemisphere and front/back cuts are positional (docs/e2enet.md).
+Tasks
+    ``tissue`` (the default, Dataset990_MNITissue): 0 background (outside the brain), 1 grey matter,
+    2 white matter, 3 CSF/other inside the brain. The brain is the template above 0.2 (the threshold
+    of nilearn's ``load_mni152_brain_mask``); inside it each voxel takes the argmax of
+    (1 - p_gm - p_wm, p_gm, p_wm) after warping. ``regions`` (Dataset991_MNIRegions): the same tissue
+    in 7 foreground classes, cut by hemisphere and front/back (docs/e2enet.md). The other tasks of
+    the suite (small structures, many classes, two channels, CT, thick slices) are described in
+    :mod:`e2enet.dataset.mni_tasks`.
 
 Cases
     Every case is the same template seen through a different random "acquisition": a rotation
     (up to 8 degrees per axis), a head size (0.95-1.05), a smooth non-linear warp (at most 2.5 mm),
-    a shift of the anatomy inside the field of view, a per-axis voxel size (spacing +-8 %), and
-    intensity changes (gamma 0.8-1.25, a smooth multiplicative bias field, a random global scale,
-    Rician noise as in magnitude MRI). Images keep the template's zero background (it is
-    skull-stripped), so cropping to the non-zero region behaves as on skull-stripped MRI.
+    a shift of the anatomy inside the field of view, a per-axis voxel size (the task's spacing
+    +-8 %), and intensity changes (for MRI: gamma 0.8-1.25, a smooth multiplicative bias field, a
+    random global scale, Rician noise as in magnitude MRI). MRI keeps the template's zero background
+    (it is skull-stripped), so cropping to the non-zero region behaves as on skull-stripped MRI.
 
 Held-out anatomy
     The superior-most 20 % of the brain (template z above ``z_cut_mm``) never appears in a training
-    case: each training field of view stops below it; test cases show the whole brain. World z in
-    the NIfTI headers lets anyone check this from the files (``mni_provenance.json`` has the cut
-    and its margin, ``HELD_OUT_MARGIN_MM``). What the data is and is not: docs/e2enet.md.
+    case of a whole-brain task: each training field of view stops below it; test cases show the whole
+    brain. World z in the NIfTI headers lets anyone check this from the files (``mni_provenance.json``
+    has the cut and its margin, ``HELD_OUT_MARGIN_MM``). What the data is and is not: docs/e2enet.md.
 
 Licence of the template: ICBM 2009a, Copyright (C) 1993-2009 Louis Collins, McConnell Brain
 Imaging Centre, Montreal Neurological Institute, McGill University (permissive notice; cite
 Fonov et al., NeuroImage 2011 and 2009). The files are read from the installed nilearn, never
-copied into this repository.
+copied into this repository; the coordinate tables' provenance is in :mod:`e2enet.dataset.mni_tasks`.
 """
 
 from __future__ import annotations
@@ -55,45 +57,25 @@ import numpy as np
 from scipy import ndimage
 
 from e2enet.atomic import write_json
+from e2enet.dataset.mni_tasks import (
+    BRAIN_THRESHOLD,
+    GAMMA_RANGE,
+    INTENSITY_SCALE_RANGE,
+    NOISE_FRACTION_RANGE,
+    SUITE,
+    TASKS,
+    Acquisition,
+    CaseMaps,
+    Task,
+    smooth_field,
+)
 from e2enet.training.loader import rotation_matrix
 
-DATASET_ID = 990
-DATASET_NAME = "MNITissue"
+DATASET_ID = TASKS["tissue"].dataset_id
+DATASET_NAME = TASKS["tissue"].dataset_name
 FILE_ENDING = ".nii.gz"
-LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2, "csf_other": 3}
-# The harder task: the same tissue split by hemisphere (MNI x, + is right) and, for grey matter, into a front and a
-# back half at the brain's centre (MNI y). Seven foreground classes, four of them small, and two of the cuts are
-# positional rather than visible in the image: left and right look alike, and the front/back plane crosses
-# uniform tissue, so a network must use context, and mirroring along x would swap the hemispheres.
-REGION_LABELS = {
-    "background": 0,
-    "grey_matter_left_front": 1,
-    "grey_matter_left_back": 2,
-    "grey_matter_right_front": 3,
-    "grey_matter_right_back": 4,
-    "white_matter_left": 5,
-    "white_matter_right": 6,
-    "csf_other": 7,
-}
-TASKS = {  # task -> (dataset id, dataset name, labels, description)
-    "tissue": (
-        DATASET_ID,
-        DATASET_NAME,
-        LABELS,
-        "Brain tissue (GM/WM/CSF-other) on synthetic variations of the MNI152 2009a template; the top 20% of the "
-        "brain is held out of training. Not a clinical benchmark.",
-    ),
-    "regions": (
-        991,
-        "MNIRegions",
-        REGION_LABELS,
-        "Brain tissue by hemisphere, grey matter also by front/back half (7 classes), on synthetic variations of "
-        "the MNI152 2009a template; the top 20% of the brain is held out of training. Not a clinical benchmark.",
-    ),
-}
 PROVENANCE_FILE = "mni_provenance.json"
 
-BRAIN_THRESHOLD = 0.2  # nilearn's load_mni152_brain_mask threshold on the [0, 1] template
 HELD_OUT_FRACTION = 0.2  # superior-most fraction of the brain's z extent kept out of training
 FOV_MARGIN_MM = 15.0  # field of view = brain bounding box + this margin on every side
 
@@ -102,10 +84,6 @@ SIZE_RANGE = (0.95, 1.05)
 MAX_WARP_MM = 2.5
 MAX_SHIFT_MM = 6.0
 SPACING_JITTER = 0.08
-GAMMA_RANGE = (0.8, 1.25)
-MAX_LOG_BIAS = 0.2  # bias field exp(b) with |b| <= 0.2, i.e. 0.82-1.22
-INTENSITY_SCALE_RANGE = (500.0, 1500.0)  # arbitrary MRI units
-NOISE_FRACTION_RANGE = (0.01, 0.04)  # Rician noise sigma relative to the intensity scale
 
 # Bound on |world z - template z| for any brain voxel. With template point
 # p = c + (x - c) / s + d(x):  x_z - p_z = (s - 1)(p_z - c_z) - s d_z, and the template brain
@@ -174,26 +152,8 @@ def load_template() -> Template:
     )
 
 
-def _smooth_field(rng: np.random.Generator, points_mm: np.ndarray, max_abs: float, n_waves: int = 4) -> np.ndarray:
-    """A smooth random scalar field on ``points_mm`` (3, *shape), bounded by ``max_abs`` everywhere.
-
-    A sum of plane waves with 60-150 mm wavelengths: smooth like a bias field or an anatomical
-    deformation, cheap to evaluate, and bounded exactly (no clipping needed), which the held-out
-    margin relies on.
-    """
-    field = np.zeros(points_mm.shape[1:], np.float32)
-    for _ in range(n_waves):
-        direction = rng.normal(size=3)
-        direction /= np.linalg.norm(direction)
-        wavelength = rng.uniform(60.0, 150.0)
-        amplitude = max_abs / n_waves * rng.uniform(0.5, 1.0)
-        phase = np.tensordot(direction * (2 * np.pi / wavelength), points_mm, axes=1) + rng.uniform(0, 2 * np.pi)
-        field += amplitude * np.sin(phase, dtype=np.float32)
-    return field
-
-
-def draw_case_params(rng: np.random.Generator, case_id: str, split: str, spacing_mm: float) -> CaseParams:
-    """Draw the geometric and intensity parameters of one case."""
+def draw_case_params(rng: np.random.Generator, case_id: str, split: str, spacing_mm) -> CaseParams:
+    """Draw the geometric and intensity parameters of one case; ``spacing_mm`` is nominal, a number or per axis."""
     return CaseParams(
         case_id=case_id,
         split=split,
@@ -207,35 +167,25 @@ def draw_case_params(rng: np.random.Generator, case_id: str, split: str, spacing
     )
 
 
-def region_labels(tissue_label: np.ndarray, template_mm: np.ndarray, centre_mm: np.ndarray) -> np.ndarray:
-    """Tissue labels (LABELS) -> REGION_LABELS, from each voxel's template position (3, *shape) in MNI mm."""
-    right = template_mm[0] > 0  # the template's midline is x = 0
-    front = template_mm[1] > centre_mm[1]
-    out = np.zeros_like(tissue_label)
-    gm, wm = tissue_label == LABELS["grey_matter"], tissue_label == LABELS["white_matter"]
-    for side, side_mask in (("left", ~right), ("right", right)):
-        out[gm & side_mask & front] = REGION_LABELS[f"grey_matter_{side}_front"]
-        out[gm & side_mask & ~front] = REGION_LABELS[f"grey_matter_{side}_back"]
-        out[wm & side_mask] = REGION_LABELS[f"white_matter_{side}"]
-    out[tissue_label == LABELS["csf_other"]] = REGION_LABELS["csf_other"]
-    return out
+def sample_case(
+    template: Template, acquisition: Acquisition, params: CaseParams, rng: np.random.Generator
+) -> tuple[CaseMaps, np.ndarray]:
+    """The template's maps on the grid of one case, and the grid's affine (voxel -> world mm).
 
-
-def synthesize_case(
-    template: Template, params: CaseParams, rng: np.random.Generator, task: str = "tissue"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render one case: returns (image float32, label uint8, affine voxel -> world mm).
-
-    ``rng`` supplies the warp, bias field and noise. Training cases (``params.split == "train"``)
-    are cropped along array axis 2 so that no voxel of the template's held-out top is in view.
+    ``rng`` supplies the warp. For a training case of a task that holds the top out, ``kept_slices``
+    says where the case will be cut along array axis 2 so that no voxel of the held-out top is in view.
     """
     spacing = np.asarray(params.spacing_mm)
-    extent_mm = template.brain_hi_mm - template.brain_lo_mm + 2 * FOV_MARGIN_MM
-    shape = np.ceil(extent_mm / spacing).astype(int)
-    # Case grid: rotated, with its centre on the brain centre moved by the shift. The affine maps
-    # voxels to world mm, and world mm are template mm up to the size change and the warp.
+    if acquisition.fov_mm is None:
+        fov_mm = template.brain_hi_mm - template.brain_lo_mm + 2 * FOV_MARGIN_MM
+        fov_centre = template.centre_mm + np.asarray(params.shift_mm)
+    else:
+        lo, hi = (np.asarray(corner, float) for corner in acquisition.fov_mm)
+        fov_mm, fov_centre = hi - lo, (lo + hi) / 2 + np.asarray(params.shift_mm)
+    shape = np.ceil(fov_mm / spacing).astype(int)
+    # Case grid: rotated, with its centre on the field of view's centre moved by the shift. The
+    # affine maps voxels to world mm, and world mm are template mm up to the size change and warp.
     linear = rotation_matrix(np.deg2rad(params.rotation_deg)) @ np.diag(spacing)
-    fov_centre = template.centre_mm + np.asarray(params.shift_mm)
     affine = np.eye(4)
     affine[:3, :3] = linear
     affine[:3, 3] = fov_centre - linear @ ((shape - 1) / 2)
@@ -245,41 +195,59 @@ def synthesize_case(
     axes = np.ogrid[tuple(slice(0, n) for n in shape)]
     world = np.stack([sum(linear[k, j] * axes[j] for j in range(3)) + affine[k, 3] for k in range(3)])
     world = world.astype(np.float32)
-    warp = np.stack([_smooth_field(rng, world, MAX_WARP_MM) for _ in range(3)])
+    warp = np.stack([smooth_field(rng, world, MAX_WARP_MM) for _ in range(3)])
     centre = template.centre_mm.astype(np.float32)[:, None, None, None]
     template_mm = centre + (world - centre) / params.size_scale + warp
     to_template_vox = np.linalg.inv(template.affine)
     template_vox = np.tensordot(to_template_vox[:3, :3], template_mm, axes=1)
     template_vox += to_template_vox[:3, 3, None, None, None]
+    # A thick slice averages the anatomy through its extent; the warp is smooth enough to stay fixed within it.
+    slice_step = to_template_vox[:3, :3] @ linear[:, 2] / params.size_scale
+    offsets = (np.arange(acquisition.samples_per_slice) + 0.5) / acquisition.samples_per_slice - 0.5
 
     def sample(volume: np.ndarray) -> np.ndarray:
-        return ndimage.map_coordinates(volume, template_vox, order=1, cval=0.0)
+        if acquisition.samples_per_slice == 1:
+            return ndimage.map_coordinates(volume, template_vox, order=1, cval=0.0)
+        points = (template_vox + (o * slice_step)[:, None, None, None] for o in offsets)
+        return np.mean([ndimage.map_coordinates(volume, p, order=1, cval=0.0) for p in points], axis=0)
 
-    t1, gm, wm = sample(template.t1), sample(template.grey_matter), sample(template.white_matter)
-    support = t1 > 0  # the skull-stripped template's non-zero region; stays exactly zero outside
-
-    label = np.zeros(shape, np.uint8)
-    brain = t1 > BRAIN_THRESHOLD
-    tissue = np.argmax(np.stack([1.0 - gm - wm, gm, wm]), axis=0)
-    tissue_to_label = np.array([LABELS["csf_other"], LABELS["grey_matter"], LABELS["white_matter"]], np.uint8)
-    label[brain] = tissue_to_label[tissue[brain]]
-    if task == "regions":
-        label = region_labels(label, template_mm, template.centre_mm)
-
-    bias = np.exp(_smooth_field(rng, world, MAX_LOG_BIAS))
-    signal = params.intensity_scale * bias * np.clip(t1, 0, 1) ** params.gamma
-    sigma = params.noise_fraction * params.intensity_scale
-    # Magnitude of a complex signal with Gaussian noise in both parts: Rician, always positive.
-    noisy = np.hypot(signal + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
-    image = np.where(support, noisy, 0.0).astype(np.float32)
-
-    if params.split == "train":
-        held_out_in_slice = (support & (template_mm[2] > template.z_cut_mm)).any(axis=(0, 1))
+    maps = CaseMaps(
+        world=world,
+        template_mm=template_mm,
+        spacing_mm=spacing,
+        t1=sample(template.t1),
+        grey_matter=sample(template.grey_matter),
+        white_matter=sample(template.white_matter),
+        template_centre_mm=template.centre_mm,
+    )
+    if params.split == "train" and acquisition.hold_out_top:
+        held_out_in_slice = (maps.support & (template_mm[2] > template.z_cut_mm)).any(axis=(0, 1))
         if not held_out_in_slice.any():
             raise RuntimeError(f"{params.case_id}: the held-out region is outside the field of view; nothing to cut")
-        keep = int(np.argmax(held_out_in_slice))  # first slice showing held-out anatomy
-        image, label = image[..., :keep], label[..., :keep]
-    return image, label, affine
+        maps.kept_slices = int(np.argmax(held_out_in_slice))  # first slice showing held-out anatomy
+    return maps, affine
+
+
+def synthesize_case(
+    template: Template, params: CaseParams, rng: np.random.Generator, task: Task
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, dict]:
+    """Render one case: (images float32, one per channel; label uint8; affine voxel -> world mm; further draws).
+
+    ``rng`` supplies the warp, then the task's pathology (if any) and each channel's randomness in
+    channel order. The further draws (lesions, a second contrast's scale, CT values) go to the
+    provenance file. Training cases of a whole-brain task are cropped below the held-out top.
+    """
+    maps, affine = sample_case(template, task.acquisition, params, rng)
+    drawn = task.pathology(maps, rng) if task.pathology else {}
+    label = task.label_rule(maps)
+    images = []
+    for render in task.channels.values():
+        image, channel_draws = render(maps, params, rng)
+        images.append(image)
+        drawn |= channel_draws
+    if maps.kept_slices is not None:
+        images, label = [image[..., : maps.kept_slices] for image in images], label[..., : maps.kept_slices]
+    return images, label, affine, drawn
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -289,31 +257,17 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, path)
 
 
-def build_mni_dataset(
-    out_root: Path | str,
-    num_train: int = 8,
-    num_test: int = 2,
-    seed: int = 0,
-    spacing_mm: float = 2.5,
-    dataset_id: int | None = None,
-    overwrite: bool = False,
-    task: str = "tissue",
-) -> Path:
-    """Write the MNI tissue dataset under ``out_root`` and return the dataset folder.
-
-    Deterministic for a given (seed, spacing, counts). ``overwrite`` replaces a folder this
-    script wrote before (recognised by its provenance file); any other existing folder is left
-    alone and an error is raised.
-    """
-    if num_train < 1 or num_test < 0:
-        raise ValueError(f"need at least 1 training case and >= 0 test cases, got {num_train} and {num_test}")
+def nominal_spacing(task: Task, spacing_mm: float | None) -> np.ndarray:
+    """The task's nominal spacing per axis, scaled so that its finest axis is ``spacing_mm`` when given."""
+    own = np.asarray(task.acquisition.spacing_mm, float)
+    if spacing_mm is None:
+        return own
     if not 0.5 <= spacing_mm <= 8.0:
         raise ValueError(f"--spacing {spacing_mm} mm is outside 0.5-8 mm; use e.g. 2.5 (about 70x84x74 voxels)")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    default_id, dataset_name, labels, description = TASKS[task]
-    dataset_id = default_id if dataset_id is None else dataset_id
-    dataset_dir = Path(out_root) / f"Dataset{dataset_id:03d}_{dataset_name}"
+    return spacing_mm * (own / own.min())
+
+
+def _clear(dataset_dir: Path, overwrite: bool) -> None:
     if dataset_dir.exists() and any(dataset_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{dataset_dir} exists; pass --overwrite to rebuild it or choose another --out")
@@ -322,6 +276,33 @@ def build_mni_dataset(
                 f"{dataset_dir} was not written by prepare_mni.py (no {PROVENANCE_FILE}); not deleting it"
             )
         shutil.rmtree(dataset_dir)
+
+
+def build_mni_dataset(
+    out_root: Path | str,
+    num_train: int = 8,
+    num_test: int = 2,
+    seed: int = 0,
+    spacing_mm: float | None = None,
+    dataset_id: int | None = None,
+    overwrite: bool = False,
+    task: str = "tissue",
+) -> Path:
+    """Write the dataset of ``task`` (TASKS) under ``out_root`` and return the dataset folder.
+
+    Deterministic for a given (task, seed, spacing, counts). ``spacing_mm`` sets the finest axis
+    (default: the task's own spacing). ``overwrite`` replaces a folder this script wrote before
+    (recognised by its provenance file); any other existing folder is left alone and an error is raised.
+    """
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"need at least 1 training case and >= 0 test cases, got {num_train} and {num_test}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    spec = TASKS[task]
+    spacing = nominal_spacing(spec, spacing_mm)
+    dataset_id = spec.dataset_id if dataset_id is None else dataset_id
+    dataset_dir = Path(out_root) / f"Dataset{dataset_id:03d}_{spec.dataset_name}"
+    _clear(dataset_dir, overwrite)
 
     template = load_template()
     case_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(num_train + num_test)]
@@ -333,35 +314,38 @@ def build_mni_dataset(
 
     cases = []
     for rng, (split, case_id) in zip(case_rngs, splits, strict=True):
-        params = draw_case_params(rng, case_id, split, spacing_mm)
-        image, label, affine = synthesize_case(template, params, rng, task)
-        params.shape = list(image.shape)
+        params = draw_case_params(rng, case_id, split, spacing)
+        images, label, affine, drawn = synthesize_case(template, params, rng, spec)
+        params.shape = list(label.shape)
         image_dir, label_dir = folders[split]
-        _save_nifti(image, affine, dataset_dir / image_dir / f"{case_id}_0000{FILE_ENDING}")
+        for channel, image in enumerate(images):
+            _save_nifti(image, affine, dataset_dir / image_dir / f"{case_id}_{channel:04d}{FILE_ENDING}")
         _save_nifti(label, affine, dataset_dir / label_dir / f"{case_id}{FILE_ENDING}")
-        cases.append(asdict(params))
+        cases.append(asdict(params) | ({"drawn": drawn} if drawn else {}))
 
     dataset_json = {
-        "name": dataset_name,
-        "description": description,
-        "reference": "Fonov et al., NeuroImage 2011; template shipped with nilearn",
-        "licence": "ICBM 2009a MNI BIC permissive notice (Copyright 1993-2009 Louis Collins, MNI, McGill University)",
-        "channel_names": {"0": "T1"},
-        "labels": labels,
+        "name": spec.dataset_name,
+        "description": spec.description,
+        "reference": spec.reference,
+        "licence": spec.licence,
+        "channel_names": {str(i): name for i, name in enumerate(spec.channels)},
+        "labels": spec.labels,
         "numTraining": num_train,
         "numTest": num_test,
         "file_ending": FILE_ENDING,
     }
+    held_out = {
+        "description": "template (MNI) z above z_cut_mm never appears in training cases",
+        "axis": "z (superior)",
+        "z_cut_mm": template.z_cut_mm,
+        "world_margin_mm": HELD_OUT_MARGIN_MM,
+    }
     provenance = {
         "generator": "examples/e2enet/prepare_mni.py",
         "seed": seed,
-        "spacing_mm": spacing_mm,
-        "held_out": {
-            "description": "template (MNI) z above z_cut_mm never appears in training cases",
-            "axis": "z (superior)",
-            "z_cut_mm": template.z_cut_mm,
-            "world_margin_mm": HELD_OUT_MARGIN_MM,
-        },
+        # one number when isotropic: the finest axis, as --spacing gives it
+        "spacing_mm": float(spacing[0]) if np.all(spacing == spacing[0]) else spacing.tolist(),
+        "held_out": held_out if spec.acquisition.hold_out_top else None,
         "cases": cases,
     }
     write_json(dataset_dir / "dataset.json", dataset_json)
@@ -378,16 +362,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-cases", type=int, default=2, help="number of test cases with labels (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--spacing", type=float, default=2.5, help="nominal voxel size in mm, sets the image size (2.5: ~70x84x74)"
+        "--spacing",
+        type=float,
+        default=None,
+        help="nominal voxel size of the finest axis in mm, sets the image size (default: the task's, e.g. tissue "
+        "2.5: ~70x84x74)",
     )
     parser.add_argument(
         "--task",
         choices=sorted(TASKS),
         default="tissue",
-        help="tissue: 3 classes (Dataset990_MNITissue); regions: 7 classes by hemisphere and front/back "
-        "(Dataset991_MNIRegions)",
+        help="; ".join(f"{name}: {len(t.labels) - 1} classes ({t.folder_name})" for name, t in TASKS.items())
+        + f". The suite: {', '.join(SUITE)}",
     )
-    parser.add_argument("--dataset-id", type=int, default=None, help="default: 990 (tissue) or 991 (regions)")
+    parser.add_argument("--dataset-id", type=int, default=None, help="default: the task's (tissue 990, regions 991)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset folder this script wrote before")
     args = parser.parse_args(argv)
 
@@ -406,5 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         spacing = "x".join(f"{s:.2f}" for s in case["spacing_mm"])
         print(f"  {case['split']:5s} {case['case_id']}: {shape} voxels at {spacing} mm")
     held_out = provenance["held_out"]
-    print(f"  held out of training: template z > {held_out['z_cut_mm']:.1f} mm (top {HELD_OUT_FRACTION:.0%} of brain)")
+    if held_out:
+        cut = held_out["z_cut_mm"]
+        print(f"  held out of training: template z > {cut:.1f} mm (top {HELD_OUT_FRACTION:.0%} of brain)")
     return 0
