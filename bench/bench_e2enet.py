@@ -240,8 +240,8 @@ def split_conv_cases(density: float) -> dict:
     weight, bias = torch.randn(c, 2 * read, 1, 3, 3), torch.randn(c)
     picked = torch.randperm(c)[:read].sort().values.tolist()
     group = -(-2 * c // 3)  # DepthShiftConv3d's three chunks over the 2c concatenated channels: shifts -1, 0, +1
-    # The shipped assembly (compaction.channel_assembly + compact_layers.copy_runs): each read channel, shifted as in the
-    # full-width input, copied in runs of neighbouring channels.
+    # The shipped assembly (compaction.channel_assembly + compact_layers.copy_runs): each read channel, shifted as in
+    # the full-width input, copied in runs of neighbouring channels.
     read_same = [(0, ch, ch // group - 1) for ch in picked]
     read_up = [(1, ch, (c + ch) // group - 1) for ch in picked]
 

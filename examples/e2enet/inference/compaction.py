@@ -261,7 +261,7 @@ def compact_e2enet(
         ``torch.export`` and runs under ``torch.compile``.
 
     Saving: the structure follows from the masks alone. Save ``compacted.state_dict()`` with the masks (the
-    sparsifier's ``state_dict()``, or :func:`sparsefuse.compact.sparse_state_dict`). To load: build the E2ENet
+    sparsifier's ``state_dict()``, or `sparsefuse.sparse_state_dict`). To load: build the E2ENet
     with the same arguments, give a sparsifier on it the saved masks (``DynamicSparsity(fresh, None, targets=...,
     granularity=...)``, then ``load_state_dict``), call ``compact_e2enet(fresh, that_sparsifier)`` and load the
     saved state dict into the result.

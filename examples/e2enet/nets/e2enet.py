@@ -456,7 +456,7 @@ def e2enet_fusion_targets(name: str, module: nn.Module) -> bool:
 def is_fusion_conv(name: str, module: nn.Module) -> bool:
     """True for the fusion nodes' Conv3d layers (not their transposed convs).
 
-    This is the ``bias_term`` predicate of :func:`sparsefuse.count_flops` that
+    This is the ``bias_term`` predicate of `e2enet.experiments.paper_counting.eq5_flops` that
     reproduces the published FLOPs: the authors charged eq. 5's "+1" only here.
     """
     return _under_fusion(name) and isinstance(module, nn.Conv3d)
