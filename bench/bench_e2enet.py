@@ -1,4 +1,5 @@
-"""E2ENet, masked and compacted (examples/e2enet/compaction.py), against MONAI DynUNet (nnU-Net 3d_fullres) on CPU.
+"""E2ENet, masked and compacted (examples/e2enet/inference/compaction.py), against MONAI DynUNet (nnU-Net
+3d_fullres) on CPU.
 
 Sections; within each, all cases run interleaved in one process on the same inputs (``common.interleaved``):
 

@@ -9,8 +9,9 @@ and sequential cases give a clean peak memory per case):
   scaler=scaler)`` with ``sparsity.step()`` after ``scaler.step(optimizer)`` and ``scaler.update()`` (static masks:
   every step re-masks, no topology update falls inside the timed steps);
 * inference: the same model in eval mode, ``torch.inference_mode()``, fp16 autocast, batch 1 x 1 x 128^3;
-* E2ENet compacted: ``compact_e2enet`` (examples/e2enet/compaction.py) of the E2ENet with random input-channel masks
-  at density 0.1 on its fusion weights, built in channels_last_3d; inference only (it is not a training model).
+* E2ENet compacted: ``compact_e2enet`` (examples/e2enet/inference/compaction.py) of the E2ENet with random
+  input-channel masks at density 0.1 on its fusion weights, built in channels_last_3d; inference only (it is not a
+  training model).
   Then the same model under ``torch.compile(mode="reduce-overhead")``, which on CUDA replays the forward as a CUDA
   graph (warm-up calls include the compilation), against DynUNet compiled the same way (inference rows only);
   and the compacted model with ERK layer densities (the input-channel setting that measured accurate on the CPU),

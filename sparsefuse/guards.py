@@ -52,9 +52,11 @@ def frozen_error(name: str, step: int) -> RuntimeError:
 
 
 def check_attached(targets: Iterable[Target]) -> None:
-    """Refuse to mask a weight the model no longer holds."""
-    if all(t.attached for t in targets):
-        return
+    """Refuse to mask a weight the model no longer holds.
+
+    Runs on every ``step()``: one pass over the targets (an empty list when all are attached), which measured no
+    slower than an ``all()`` fast path, whose generator costs about what the list does.
+    """
     replaced = [t.name for t in targets if not t.attached]
     if replaced:
         raise RuntimeError(

@@ -19,23 +19,36 @@ from .validation import positive_int
 __all__ = ["Schedule", "Decay", "CosineDecay", "Constant", "Linear", "get_schedule"]
 
 
+def _in_unit_interval(value) -> bool:
+    """Whether ``value`` is a real number (not a bool or a string that float() would parse) in (0, 1]."""
+    if isinstance(value, bool | str):
+        return False
+    try:
+        return 0.0 < float(value) <= 1.0  # NaN compares false, so it is refused too
+    except (TypeError, ValueError):
+        return False
+
+
 class Schedule(ABC):
     """Base class of schedules: subclasses define ``fraction(step)``.
 
     Args:
         every: steps between topology updates (update steps are its multiples).
-        drop_fraction: the fraction of active groups replaced at the first update, in (0, 1]; the paper's
-            death rate alpha (0.5). ``alpha=`` is its deprecated name.
+        drop_fraction: the largest fraction of active groups an update replaces, in (0, 1]; the paper's death rate
+            alpha (0.5). ``alpha=`` is its deprecated name. An update regrows only groups that were inactive, so it
+            replaces at most as many as are: 1 replaces every active group of a layer at density 0.5 or below
+            (bar those ``grace_updates`` protects), leaving nothing of the topology it trained, and every inactive
+            group above that density.
         stop: the last step that may change the topology, or None for no limit.
     """
 
     @renamed_kwarg("alpha", "drop_fraction")
     def __init__(self, every: int, drop_fraction: float, stop: int | None = None):
         positive_int("every", every, "it is the number of steps between topology updates (e.g. every=100)")
-        if not 0.0 < float(drop_fraction) <= 1.0:
+        if not _in_unit_interval(drop_fraction):
             raise ValueError(
-                f"drop_fraction must be in (0, 1], got {drop_fraction!r}; it is the fraction of active groups "
-                f"replaced at the first update (the paper uses 0.5)"
+                f"drop_fraction must be a number in (0, 1], got {drop_fraction!r}; it is the fraction of active "
+                f"groups an update replaces (the paper uses 0.5), where 1 replaces every one it can"
             )
         if stop is not None:
             positive_int("stop", stop, "it is the last step that may change the topology, or None for no limit")

@@ -12,14 +12,14 @@ from ..distributed import unwrap_model
 from ..nn.shift import DepthShiftConv3d
 from ..protocol import Sparsity, target_weight_masks
 from .plan import (
-    _CONV_TRANSPOSES,
+    CONV_TRANSPOSES,
     MIN_DEAD_INPUTS,
     MIN_DEAD_OUTPUTS,
-    _layer_kind,
-    _layers,
-    _parents,
-    _plan_layer,
-    _widths,
+    layer_kind,
+    layer_widths,
+    module_parents,
+    plan_layer,
+    target_layers,
 )
 
 __all__ = ["CompactLayer", "compact"]
@@ -110,10 +110,10 @@ def _channels(selection: Tensor, width: int) -> Tensor:
 @torch.no_grad()
 def _build(module: nn.Module, in_sel: Tensor, out_sel: Tensor) -> CompactLayer:
     """The CompactLayer for ``module``, whose weight is already masked."""
-    kind = _layer_kind(module)
+    kind = layer_kind(module)
     weight = module.weight.detach()
-    c_in, c_out, groups = _widths(module, weight)
-    transposed = kind in _CONV_TRANSPOSES
+    c_in, c_out, groups = layer_widths(module, weight)
+    transposed = kind in CONV_TRANSPOSES
     device = weight.device
     # Weight as (groups, dim0 per group, dim1, *k); pick each group's kept dim0 rows and kept dim1 columns.
     rows, cols = (in_sel, out_sel) if transposed else (out_sel, in_sel)
@@ -219,7 +219,7 @@ def compact(
     """
     model = unwrap_model(model)
     masks = target_weight_masks(model, sparsity)
-    parents = _parents(model)
+    parents = module_parents(model)
     copied = copy.deepcopy(model)
     copied_params = dict(copied.named_parameters())
     with torch.no_grad():  # every target, first: a weight tied to another module is masked there too
@@ -227,8 +227,8 @@ def compact(
             copied_params[name].mul_(mask.to(copied_params[name].device))
     copies = dict(copied.named_modules(remove_duplicate=False))
     replacements: dict[int, CompactLayer] = {}
-    for name, (module, mask) in _layers(model, masks).items():
-        plan, in_sel, out_sel = _plan_layer(name, module, mask, parents.get(name), min_dead_inputs, min_dead_outputs)
+    for name, (module, mask) in target_layers(model, masks).items():
+        plan, in_sel, out_sel = plan_layer(name, module, mask, parents.get(name), min_dead_inputs, min_dead_outputs)
         if plan.compacted:
             replacements[id(copies[name])] = _build(copies[name], in_sel, out_sel).train(copies[name].training)
     if id(copied) in replacements:  # the model is itself one layer

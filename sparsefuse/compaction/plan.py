@@ -15,10 +15,12 @@ from ..distributed import unwrap_model
 from ..nn.shift import DepthShiftConv3d
 from ..protocol import Sparsity, target_weight_masks
 
+# The layer helpers below without an underscore are shared with .modules, which builds what this module plans;
+# they are internal to the compaction package, hence not in __all__.
 __all__ = ["LayerCompaction", "compaction_plan", "MIN_DEAD_INPUTS", "MIN_DEAD_OUTPUTS"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # Below these fractions of dead channels a smaller layer saves less than the gather (inputs) or the scatter back
 # to full width (outputs) costs, measured on CPU in bench/bench_compact.py; oneDNN computes output channels in
@@ -58,11 +60,11 @@ class LayerCompaction:
         return self.kept_in < self.in_channels or self.kept_out < self.out_channels
 
 
-def _layer_kind(module: nn.Module) -> type | None:
+def layer_kind(module: nn.Module) -> type | None:
     """The torch layer class whose forward ``module`` runs (subclasses that only add attributes count), or None."""
     if type(module) is DepthShiftConv3d:
         return DepthShiftConv3d
-    for base in (nn.Linear, *_CONVS, *_CONV_TRANSPOSES):
+    for base in (nn.Linear, *_CONVS, *CONV_TRANSPOSES):
         same_forward = all(
             getattr(type(module), f, None) is getattr(base, f, None) for f in ("forward", "_conv_forward")
         )
@@ -81,7 +83,7 @@ def _select(live: Tensor, groups: int) -> Tensor:
     return order.sort(dim=1).values
 
 
-def _layers(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, tuple[nn.Module, Tensor]]:
+def target_layers(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, tuple[nn.Module, Tensor]]:
     """{module name: (module, mask)} for every target that is a module's ``weight``."""
     layers = {}
     for name, mask in masks.items():
@@ -91,7 +93,7 @@ def _layers(model: nn.Module, masks: dict[str, Tensor]) -> dict[str, tuple[nn.Mo
     return layers
 
 
-def _widths(module: nn.Module, weight: Tensor) -> tuple[int, int, int]:
+def layer_widths(module: nn.Module, weight: Tensor) -> tuple[int, int, int]:
     """(in channels, out channels, groups) of a layer; the weight's (dim1, dim0) for other modules."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, 1
@@ -110,7 +112,7 @@ def _worth_it(selection: Tensor, width: int, threshold: float, side: str) -> tup
     return selection, ""
 
 
-def _plan_layer(
+def plan_layer(
     name: str,
     module: nn.Module,
     mask: Tensor,
@@ -120,7 +122,7 @@ def _plan_layer(
 ):
     """(LayerCompaction, input selection, output selection) for one layer; selections are (groups, kept) channel
     positions within each group, both None when the layer is left as it is."""
-    kind = _layer_kind(module)
+    kind = layer_kind(module)
     if kind is None or isinstance(parent, nn.MultiheadAttention):
         why = (
             "its parent nn.MultiheadAttention reads the weight directly instead of calling the layer"
@@ -128,14 +130,14 @@ def _plan_layer(
             else f"{type(module).__name__}.forward is not that of Linear, ConvNd, ConvTransposeNd or "
             f"DepthShiftConv3d, so what the layer computes is unknown"
         )
-        c_in, c_out, _ = _widths(module, mask)
+        c_in, c_out, _ = layer_widths(module, mask)
         return LayerCompaction(name, c_in, c_out, c_in, c_out, c_in, c_out, f"left masked: {why}"), None, None
-    c_in, c_out, groups = _widths(module, mask)
+    c_in, c_out, groups = layer_widths(module, mask)
     # Weight-shaped mask -> (dim0, dim1) "any weight active"; a grouped weight's dim 1 is per group of dim 0.
     pairs = (mask.flatten(2).any(2) if mask.dim() > 2 else mask).cpu()
     across_groups = pairs.reshape(groups, pairs.shape[0] // groups, pairs.shape[1]).any(1).reshape(-1)
     within = pairs.any(1)
-    live_in, live_out = (within, across_groups) if kind in _CONV_TRANSPOSES else (across_groups, within)
+    live_in, live_out = (within, across_groups) if kind in CONV_TRANSPOSES else (across_groups, within)
     in_sel, in_note = _worth_it(_select(live_in, groups), c_in, min_dead_inputs, "inputs")
     out_sel, out_note = _worth_it(_select(live_out, groups), c_out, min_dead_outputs, "outputs")
     plan = LayerCompaction(
@@ -151,7 +153,8 @@ def _plan_layer(
     return plan, in_sel, out_sel
 
 
-def _parents(model: nn.Module) -> dict[str, nn.Module]:
+def module_parents(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: the module that holds it as a child}, for every name a shared module goes by."""
     return {
         f"{name}.{child}" if name else child: module
         for name, module in model.named_modules(remove_duplicate=False)
@@ -178,8 +181,8 @@ def compaction_plan(
         {module name: [`LayerCompaction`][sparsefuse.compaction.LayerCompaction]}, in target order.
     """
     model = unwrap_model(model)
-    parents = _parents(model)
+    parents = module_parents(model)
     return {
-        name: _plan_layer(name, module, mask, parents.get(name), min_dead_inputs, min_dead_outputs)[0]
-        for name, (module, mask) in _layers(model, target_weight_masks(model, sparsity)).items()
+        name: plan_layer(name, module, mask, parents.get(name), min_dead_inputs, min_dead_outputs)[0]
+        for name, (module, mask) in target_layers(model, target_weight_masks(model, sparsity)).items()
     }

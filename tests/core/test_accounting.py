@@ -14,37 +14,7 @@ from torch import nn
 
 import sparsefuse as sf
 from sparsefuse.accounting import FlopCount
-
-
-class FakeSparsity:
-    """A sparsity from elsewhere (the sparsefuse.Sparsity protocol): kernel masks given per weight."""
-
-    def __init__(self, model: nn.Module, kernel_masks: dict[str, torch.Tensor]):
-        params = dict(model.named_parameters())
-        self.masks = {n: m.bool() for n, m in kernel_masks.items()}
-        self._shapes = {n: params[n].shape for n in kernel_masks}
-
-    @property
-    def target_names(self):
-        return tuple(self.masks)
-
-    def weight_mask(self, name):
-        shape = self._shapes[name]
-        return self.masks[name].view(*self.masks[name].shape, *([1] * (len(shape) - 2))).expand(shape)
-
-    def granularity_of(self, name):
-        return sf.masks.Kernel()
-
-
-def first_k(rows: int, cols: int, k: int) -> torch.Tensor:
-    return (torch.arange(rows * cols) < k).view(rows, cols)
-
-
-class ShiftLikeConv3d(nn.Conv3d):
-    """A Conv3d subclass (like DepthShiftConv3d): must be hooked and counted as a conv."""
-
-    def forward(self, x):
-        return super().forward(x.flip(2))
+from tests.core.helpers import FakeSparsity, ShiftLikeConv3d, first_k
 
 
 # ------------------------------------------------------------------------------------------ count_params

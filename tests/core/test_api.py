@@ -179,10 +179,21 @@ USES = {
 }
 
 
-def test_the_sparsifier_is_a_sparsity():
-    model, opt = _conv()
-    assert isinstance(sf.DynamicSparsity(model, opt), sf.Sparsity)
-    assert isinstance(WeightMasks({}), sf.Sparsity)
+@pytest.mark.parametrize("member", ["target_names", "masks", "weight_mask", "granularity_of"])
+@pytest.mark.parametrize("use", sorted(USES))
+def test_a_sparsity_missing_one_member_is_refused_by_name(use, member):
+    model, _ = _conv()
+    masks = {"0.weight": torch.rand(8, 4, 3, 3) > 0.5}
+    members = {
+        "target_names": tuple(masks),
+        "masks": masks,
+        "weight_mask": lambda self, name: masks[name],
+        "granularity_of": lambda self, name: sf.masks.Element(),
+    }
+    USES[use](model, type("Complete", (), members)())
+    del members[member]
+    with pytest.raises(TypeError, match=rf"the sparsefuse.Sparsity protocol.*; Partial lacks {member}$"):
+        USES[use](model, type("Partial", (), members)())
 
 
 @pytest.mark.parametrize("use", sorted(USES))

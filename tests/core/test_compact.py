@@ -18,18 +18,12 @@ from torch import nn
 
 import sparsefuse as sf
 from sparsefuse import load_sparse_state_dict, sparse_state_dict
+from tests.core.helpers import FixedMasks, assert_matches
 from tests.core.strategies import keeping_a_group
 
 PROPERTY = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-RELATIVE_TOLERANCE = 1e-5
 KINDS = ("linear", "conv1d", "conv2d", "conv3d", "convT1d", "convT2d", "convT3d", "shift3d")
 GRANULARITIES = ("element", "kernel", "channel", "input_channel")
-
-
-def assert_matches(compacted: torch.Tensor, masked: torch.Tensor) -> None:
-    assert compacted.shape == masked.shape
-    scale = max(1.0, masked.abs().max().item())
-    assert (compacted - masked).abs().max().item() <= RELATIVE_TOLERANCE * scale
 
 
 def make_layer(kind: str, c_in: int, c_out: int, k: int, groups: int, bias: bool, extra: int) -> nn.Module:
@@ -103,21 +97,6 @@ def layer_specs(draw, max_layers: int = 4):
             )
         )
     return specs
-
-
-class FixedMasks:
-    """A sparsity from elsewhere: any weight-shaped masks (element groups), so dead inputs, dead outputs and
-    scattered zeros mix."""
-
-    def __init__(self, masks: dict[str, torch.Tensor]):
-        self.masks = masks
-        self.target_names = tuple(masks)
-
-    def weight_mask(self, name: str) -> torch.Tensor:
-        return self.masks[name]
-
-    def granularity_of(self, name: str) -> sf.masks.Granularity:
-        return sf.masks.Element()
 
 
 def random_masks(model: nn.Module, generator: torch.Generator, p_dead: float) -> FixedMasks:

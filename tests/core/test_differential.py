@@ -31,8 +31,7 @@ Differences found, each pinned by a test below rather than hidden:
   They agree to 1e-9 when every ``size * (1 - density)`` is an integer, and otherwise differ by O(1/size)
   (relative 2e-6 to 2e-5 on ResNet-18 shapes at densities 0.8 to 0.05, i.e. at most about one weight per layer
   once counts are rounded; same dense layers); sparsimony's result is exactly sparsefuse's at the density
-  ``1 - sum(floor(size * (1 - density))) / N``. (tests/test_policies.py's "line by line" port of RigL's solver
-  omits that floor.)
+  ``1 - sum(floor(size * (1 - density))) / N``.
 - **Count rounding.** All three drop ``int(fraction * active)``; sparsimony multiplies in float32
   (``mask.sum() * prune_ratio``) and rigl-torch's fraction is ``(t * pi) / T`` where sparsefuse computes
   ``pi * (t / T)``; the tests assert that ``fraction * active`` is not within 1e-3 of an integer, so these

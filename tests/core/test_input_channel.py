@@ -1,7 +1,7 @@
 """granularity="input_channel" (sparsefuse.masks.InputChannel): one group per input channel, grouped convs included.
 
-The DST invariants of tests/test_sparsity.py, checked for this granularity on random models that include grouped
-convolutions, plus the meaning of a group: bit c of a layer's mask switches every weight that reads input
+The DST invariants of tests/core/test_sparsity.py, checked for this granularity on random models that include
+grouped convolutions, plus the meaning of a group: bit c of a layer's mask switches every weight that reads input
 channel c, and nothing else.
 """
 

@@ -302,7 +302,12 @@ def test_targets_outside_the_optimizer_are_refused():
     [
         (dict(every=0, drop_fraction=0.5), "every must be a positive int"),
         (dict(every=-3, drop_fraction=0.5), "every must be a positive int"),
-        (dict(every=10, drop_fraction=0.0), "drop_fraction must be in"),
+        (dict(every=10, drop_fraction=0.0), r"drop_fraction must be a number in \(0, 1\], got 0.0"),
+        (dict(every=10, drop_fraction=1.5), r"drop_fraction must be a number in \(0, 1\], got 1.5"),
+        (dict(every=10, drop_fraction=math.nan), r"drop_fraction must be a number in \(0, 1\], got nan"),
+        (dict(every=10, drop_fraction=True), r"drop_fraction must be a number in \(0, 1\], got True"),
+        (dict(every=10, drop_fraction="0.5"), r"drop_fraction must be a number in \(0, 1\], got '0.5'"),
+        (dict(every=10, drop_fraction=None), r"drop_fraction must be a number in \(0, 1\], got None"),
         (dict(every=10, drop_fraction=0.5, total_steps=0), "total_steps"),
         (dict(every=10, drop_fraction=0.5, total_steps=100, stop=0), "stop"),
     ],
@@ -311,6 +316,25 @@ def test_bad_schedules_are_refused(kwargs, pattern):
     cls = sf.schedules.CosineDecay if "total_steps" in kwargs else sf.schedules.Constant
     with pytest.raises(ValueError, match=pattern):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("density, replaced", [(0.3, 30), (0.5, 50), (0.8, 20)])
+def test_drop_fraction_one_replaces_every_group_it_can(density, replaced):
+    """At density <= 0.5 an update keeps nothing of the old topology; above it, regrowth (inactive groups only)
+    caps the exchange at the inactive count."""
+    torch.manual_seed(0)
+    model = nn.Linear(10, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = sf.schedules.Constant(every=1, drop_fraction=1.0)
+    sparsity = sf.DynamicSparsity(model, opt, density=density, granularity="element", schedule=schedule)
+    before = sparsity.weight_mask("weight").clone()
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    layer = sparsity.step().layers["weight"]
+    after = sparsity.weight_mask("weight")
+    assert layer.dropped == layer.grown == replaced
+    assert int(after.sum()) == int(before.sum()) == round(100 * density)
+    assert int((before & after).sum()) == round(100 * density) - replaced
 
 
 def test_positive_int_names_the_argument_and_the_fix():

@@ -22,8 +22,8 @@ import sparsefuse as sf
 from e2enet.inference import compact_layers
 from e2enet.inference.compaction import CompactNode, CompactUnit, compact_e2enet, e2enet_compaction_plan
 from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets
+from tests.core.helpers import FixedMasks, assert_matches
 from tests.core.strategies import keeping_a_group
-from tests.core.test_compact import FixedMasks, assert_matches
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}

@@ -14,7 +14,7 @@ from torch import nn
 
 import sparsefuse as sf
 from e2enet.experiments.paper_counting import Eq5LayerFlops, eq5_flops, pt_score
-from tests.core.test_accounting import FakeSparsity, ShiftLikeConv3d, first_k
+from tests.core.helpers import FakeSparsity, ShiftLikeConv3d, first_k
 
 
 # ----------------------------------------------------------------------------------------------- eq. 5
