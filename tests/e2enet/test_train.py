@@ -163,7 +163,7 @@ def test_resume_ignores_settings_that_do_not_act_on_the_run(tmp_path):
 
     def record(density, **settings):
         config = make_config(data=tmp_path, out=tmp_path, density=density, **settings)
-        return run_settings.settings_of(config) | dict.fromkeys(checkpoint.DERIVED_IDENTITY, 0)
+        return dict.fromkeys(checkpoint.RECORD_KEYS, 0) | run_settings.settings_of(config)
 
     for density, settings, blocked in [(1.0, {}, False), (0.1, {"static": True}, False), (0.1, {}, True)]:
         saved = record(density, **settings) | {"drop_fraction": 0.2, "update_until": 0.75}
@@ -196,15 +196,52 @@ def test_a_mistyped_model_option_with_overwrite_deletes_nothing(dataset, finishe
     assert sorted(p.name for p in (out / "fold_0").iterdir()) == before
 
 
+def test_a_density_that_keeps_no_kernel_with_overwrite_deletes_nothing(dataset, finished_run):
+    """The sparsity, like every setting, is built before the fold is claimed: a refusal leaves the trained fold."""
+    out, _ = finished_run
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "fold_0").iterdir()}
+    with pytest.raises(ValueError, match="keeps no group"):
+        train.train(run_config(dataset, out, density=0.001, overwrite=True))
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "fold_0").iterdir()} == before
+
+
+@pytest.mark.parametrize("name", list(compare.SETTINGS))
+def test_the_printed_command_line_rebuilds_the_same_config(tmp_path, name):
+    """compare.py and demo.py print each run's train.py command: it must parse back to the run's config."""
+    budget = dict(epochs=4, iters_per_epoch=3, lr=0.02, seed=1, resume=True, progress=False)
+    config = make_config(data=tmp_path / "raw", out=tmp_path / "run", **compare.SETTINGS[name], **budget)
+    assert cli.parse_config(run_settings.as_flags(config)) == config
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(mirror_axes=(0,)), "--mirror-axes only acts with augmentation"),  # cpu-demo trains without
+        (dict(augment="light", mirror_axes=(1, 1)), "--mirror-axes must be distinct axes"),
+        (dict(threads=0), "--threads must be a positive number"),
+        (dict(seed=-1), "--seed must be >= 0"),
+    ],
+)
+def test_settings_that_would_be_ignored_or_crash_later_are_refused_by_the_config(tmp_path, settings, message):
+    with pytest.raises(run_settings.Problem, match=message):
+        make_config(data=tmp_path, out=tmp_path, **settings)
+
+
+def test_the_baseline_is_dense_unless_told_otherwise_and_defaults_given_explicitly_are_accepted(tmp_path):
+    assert not make_config(data=tmp_path, out=tmp_path, arch="dynunet").sparse
+    assert not make_config(data=tmp_path, out=tmp_path, density=1.0, static=False, growth="random").sparse
+
+
 def test_a_checkpoint_of_an_earlier_version_is_refused_with_a_way_out(finished_run, tmp_path):
     """A run config written before a setting existed cannot say what the run ran with: refused, never guessed."""
     out, _ = finished_run
     current = checkpoint.load_checkpoint(out / "fold_0" / "checkpoint_final.pth")["config"]
     checkpoint.check_resumable(current, current, tmp_path / "same.pth")
-    older = {k: v for k, v in current.items() if k not in ("model_arguments", "lr")}
+    older = {k: v for k, v in current.items() if k not in ("val_iters", "split")}
     checkpoint.save_checkpoint({"config": older, "model": {}}, tmp_path / "old.pth")
-    with pytest.raises(checkpoint.Problem, match="earlier version of train.py.*lacks lr, model_arguments"):
-        checkpoint.load_checkpoint(tmp_path / "old.pth")
+    loaded = checkpoint.load_checkpoint(tmp_path / "old.pth")["config"]  # predict.py still reads it
+    with pytest.raises(checkpoint.Problem, match="earlier version of train.py.*lacks split, val_iters"):
+        checkpoint.check_resumable(loaded, current, tmp_path / "old.pth")
 
 
 def test_every_setting_is_a_flag_and_part_of_the_run_identity_unless_declared_otherwise():

@@ -46,6 +46,7 @@ from e2enet.experiments import accounting
 from e2enet.experiments.paper_counting import pt_score
 from e2enet.experiments.suite_report import format_suite, plot_suite, spread, suite_summary
 from e2enet.inference import predict
+from e2enet.nets.registry import model_arguments
 from e2enet.training.config import RunConfig, as_flags, identity_keys, make_config, settings_of
 from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
 from e2enet.training.train import train
@@ -200,7 +201,11 @@ def run_identity(config: RunConfig) -> dict:
     digest = hashlib.sha256()
     for name in ("dataset.json", prepare_mni.PROVENANCE_FILE):
         digest.update((config.data / name).read_bytes() if (config.data / name).is_file() else b"")
-    return {key: settings[key] for key in identity_keys(settings)} | {"dataset": digest.hexdigest()}
+    network = model_arguments(config.arch, config.preset, config.model_options)  # a preset's widths may change
+    return {key: settings[key] for key in identity_keys(settings)} | {
+        "dataset": digest.hexdigest(),
+        "model_arguments": network,
+    }
 
 
 def run_in_child(name: str, config: RunConfig) -> None:

@@ -29,7 +29,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint written by train.py, or a Problem naming the file when it is damaged, something else, or written
-    by an earlier version whose run config lacks settings of today's."""
+    by something else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # truncated or not a torch file: say which file and what to do
@@ -39,17 +39,17 @@ def load_checkpoint(path: Path) -> dict:
         ) from error
     if not isinstance(state, dict) or not {"config", "model"} <= set(state):
         raise Problem(f"{path} is not a checkpoint of train.py (no config and model); delete it or restore a backup")
-    missing = sorted(set(RECORD_KEYS) - set(state["config"]))
-    if missing:
-        raise Problem(
-            f"{path} was written by an earlier version of train.py (its config lacks {', '.join(missing)}); "
-            "train the run again into another --out, or delete that run folder"
-        )
     return state
 
 
 def check_resumable(saved: dict, config: dict, path: Path) -> None:
-    """Refuse to resume a checkpoint of another configuration or another number of processes."""
+    """Refuse to resume a checkpoint of another configuration, another split or another number of processes."""
+    missing = sorted(set(RECORD_KEYS) - set(saved))
+    if missing:
+        raise Problem(
+            f"{path} was written by an earlier version of train.py (its config lacks {', '.join(missing)}), so it "
+            "cannot say what the run ran with; train the run again into another --out, or delete that run folder"
+        )
     if saved["world_size"] != config["world_size"]:
         raise Problem(
             f"{path} was written by a run on {saved['world_size']} process(es), this one has "
@@ -66,7 +66,7 @@ def check_resumable(saved: dict, config: dict, path: Path) -> None:
             f"cases new since: {added or 'none'}): resuming would mix the two. Restore the dataset and "
             "splits_final.json the run started with, or train the new split into another --out"
         )
-    keys = [*identity_keys(config), *DERIVED_IDENTITY]
+    keys = [*identity_keys(config), *(k for k in DERIVED_IDENTITY if k not in ("world_size", "split"))]
     different = {k: (saved.get(k), config[k]) for k in keys if saved.get(k) != config[k]}
     if different:
         raise Problem(

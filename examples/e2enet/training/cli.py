@@ -67,7 +67,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="nnU-Net raw dataset folder (DatasetXXX_Name)")
     p.add_argument("--out", type=Path, required=True, help="run folder; fold results go to RUN_DIR/fold_F")
     p.add_argument("--fold", choices=settings.FOLDS, help="0-4, or 'all' to train on every case (default 0)")
-    p.add_argument("--density", type=float, default=0.2, help="fraction of fusion kernels kept (1.0 = dense)")
+    p.add_argument(
+        "--density",
+        type=float,
+        help=f"fraction of fusion kernels kept (1.0 = dense; default {settings.DEFAULT_DENSITY}, dense for dynunet)",
+    )
     p.add_argument("--preset", choices=sorted(settings.PRESETS), default="cpu-demo")
     p.add_argument(
         "--arch",
@@ -178,7 +182,6 @@ def add_process_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="float32 on CUDA too (CPU: always)")
-    return p
 
 
 def parse_config(argv=None) -> RunConfig:

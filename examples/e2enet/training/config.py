@@ -1,13 +1,13 @@
 """The settings of a training run, typed: what a run is (its identity) and how this process runs it.
 
 A :class:`RunConfig` holds every setting. Presets are :class:`Preset` instances (``PRESETS``); :func:`make_config`
-starts from one and applies the settings given by name, whether they come from the command line (train.py fills
-only the flags given) or from Python::
+starts from one and applies the settings given by name, whether they come from the command line (training/cli.py
+fills only the flags given) or from Python::
 
     config = make_config(data=Path("raw/Dataset990_MNITissue"), out=Path("runs/a"), density=0.1, epochs=4)
 
 Settings are named by their field, flat (``epochs``, ``drop_fraction``, ``granularity``, ...): every field name is
-unique across the nested parts. What ``--resume`` compares is derived from the fields (:func:`identity`), so a new
+unique across the nested parts. What ``--resume`` compares is derived from the fields (:func:`identity_keys`), so a new
 setting is part of a run's identity unless it is declared one of how a process runs it (``RUN_ONLY``).
 """
 
@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from e2enet.problems import Problem
-from e2enet.training.loader import ALL_AXES, AUGMENTATIONS
 
 ARCHITECTURES = ("e2enet", "dynunet")
+AUGMENTATIONS = ("nnunet", "light", "none")
+ALL_AXES = (0, 1, 2)
 GRANULARITIES = ("kernel", "input_channel", "input_channel_blocks")
 SPARSE_LAYERS = ("fusion", "fusion-convs")
 DISTRIBUTIONS = ("uniform", "er", "erk")
@@ -98,6 +99,7 @@ PRESETS = {
     ),
 }
 LOW_DENSITY = 0.2
+DEFAULT_DENSITY = 0.2
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,12 @@ class RunConfig:
     @property
     def total_iters(self) -> int:
         return self.budget.epochs * self.budget.iters_per_epoch
+
+    @property
+    def update_every(self) -> int:
+        """Iterations between topology updates: as set, or from the run's length (1/50 of it, at most 1200)."""
+        every = self.sparsity.updates.update_every
+        return every or min(PAPER_UPDATE_EVERY, max(1, self.total_iters // UPDATES_PER_RUN))
 
     @property
     def sparse(self) -> bool:
@@ -160,18 +168,23 @@ def _set(obj, path: tuple, value):
     return replace(obj, **{head: _set(getattr(obj, head), tuple(rest), value) if rest else value})
 
 
-def make_config(*, data: Path, out: Path, preset: str = "cpu-demo", density: float = 0.2, **settings) -> RunConfig:
+def make_config(
+    *, data: Path, out: Path, preset: str = "cpu-demo", density: float | None = None, **settings
+) -> RunConfig:
     """The run config of ``preset`` at ``density`` with ``settings`` (field names, see ``SETTINGS``) over it.
 
-    Settings that would change nothing are refused rather than ignored: mask settings of a dense run, topology-update
-    settings of a static one, sparsity of DynUNet.
+    ``density`` defaults to ``DEFAULT_DENSITY`` for E2ENet and to dense for the baselines. Settings that would change
+    nothing are refused rather than ignored: mask settings of a dense run, topology-update settings of a static one,
+    sparsity of DynUNet, mirror axes without augmentation.
     """
+    if density is None:
+        density = DEFAULT_DENSITY if settings.get("arch", "e2enet") == "e2enet" else 1.0
     if preset not in PRESETS:
         raise Problem(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise Problem(f"unknown run settings {unknown}; valid ones are {sorted(SETTINGS)}")
-    _refuse_inert(settings, density)
+    _refuse_inert(settings, density, preset)
     updates = TopologyUpdates()
     if PRESETS[preset].low_density_updates and density < LOW_DENSITY:
         updates = PRESETS[preset].low_density_updates
@@ -186,9 +199,6 @@ def make_config(*, data: Path, out: Path, preset: str = "cpu-demo", density: flo
         config = _set(config, SETTINGS[name], value)
     config = replace(config, fold=str(config.fold), mirror_axes=tuple(config.mirror_axes))
     check(config)
-    if config.sparse and config.sparsity.updates.update_every is None:
-        every = min(PAPER_UPDATE_EVERY, max(1, config.total_iters // UPDATES_PER_RUN))
-        config = _set(config, SETTINGS["update_every"], every)
     return config
 
 
@@ -216,8 +226,11 @@ def as_flags(config: RunConfig) -> list[str]:
     return words
 
 
-def _refuse_inert(settings: dict, density: float) -> None:
-    sparse_given = sorted(k for k in settings if k in SPARSE_ONLY or k in UPDATE_ONLY)
+def _refuse_inert(settings: dict, density: float, preset: str) -> None:
+    defaults = {**asdict(Sparsity()), **asdict(TopologyUpdates())}
+    sparse_given = sorted(
+        k for k in settings if (k in SPARSE_ONLY or k in UPDATE_ONLY) and settings[k] != defaults.get(k)
+    )
     flags = ", ".join(map(flag, sparse_given))
     if settings.get("arch", "e2enet") != "e2enet" and (density < 1.0 or sparse_given):
         raise Problem(f"{flags or '--density < 1'} sparsify E2ENet's fusion layers; use them with --arch e2enet")
@@ -227,6 +240,11 @@ def _refuse_inert(settings: dict, density: float) -> None:
     if settings.get("static") and updates_given:
         unused = ", ".join(map(flag, updates_given))
         raise Problem(f"--static keeps the first mask, so {unused} would change nothing; drop them")
+    augment = settings.get("augment", PRESETS[preset].budget.augment)
+    if "mirror_axes" in settings and augment == "none":
+        raise Problem(
+            "--mirror-axes only acts with augmentation, and this run has none; give --augment light or nnunet"
+        )
 
 
 def _choice(name: str, value, choices) -> None:
@@ -262,8 +280,13 @@ def check(config: RunConfig) -> None:
         raise Problem(f"--update-every must be a positive number of iterations, got {u.update_every}")
     if u.grace_updates < 0:
         raise Problem(f"--grace-updates must be >= 0, got {u.grace_updates}")
-    if not set(config.mirror_axes) <= set(ALL_AXES):
-        raise Problem(f"--mirror-axes must be among {list(ALL_AXES)}, got {list(config.mirror_axes)}")
+    axes = list(config.mirror_axes)
+    if not set(axes) <= set(ALL_AXES) or len(set(axes)) != len(axes):
+        raise Problem(f"--mirror-axes must be distinct axes among {list(ALL_AXES)}, got {axes}")
+    if config.threads is not None and config.threads < 1:
+        raise Problem(f"--threads must be a positive number of threads, got {config.threads}")
+    if config.seed < 0:
+        raise Problem(f"--seed must be >= 0, got {config.seed}")
     if config.model_options and config.arch != "e2enet":
         raise Problem("--model-option sets E2ENet arguments; use it with --arch e2enet")
     if config.resume and config.overwrite:

@@ -39,13 +39,12 @@ from monai.transforms.utils import create_rotate
 
 from e2enet.preprocessing.planning import Plans, as_triple, check_patch_size
 from e2enet.preprocessing.preprocess import load_preprocessed_case
+from e2enet.training.config import ALL_AXES, AUGMENTATIONS
 
 OVERSAMPLE_FOREGROUND = 0.33
 # Augmentation recipes (train.py --augment). "nnunet" is the E2ENet trainer's, made for 250,000 iterations; in a
 # run of a few thousand it slows learning more than it regularises (docs/results/log.md).
 # "light" keeps the cheap intensity changes (brightness, contrast, gamma) and mirroring, no resampling or noise.
-AUGMENTATIONS = ("nnunet", "light", "none")
-ALL_AXES = (0, 1, 2)
 
 
 def to_network_layout(x: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ def run_record(config: RunConfig, plans: Plans, split: dict, world_size: int, am
     settings = {k: v for k, v in settings_of(config).items() if k not in RUN_ONLY}
     return {
         **settings,
+        "update_every": config.update_every,  # the interval the run used, also where it follows the run's length
         "model_arguments": model_arguments(config.arch, config.preset, config.model_options),
         "in_channels": len(plans.channel_names),
         "num_classes": plans.num_classes,

@@ -49,6 +49,8 @@ def prepare_data(config: RunConfig) -> tuple[Plans, Path, list[str], list[str]]:
         with torch.device("meta"):
             model = build_model(config.arch, config.preset, in_channels=1, num_classes=2, **config.model_options)
     except (TypeError, ValueError) as error:
+        if not config.model_options:
+            raise
         raise Problem(f"--model-option {config.model_options} does not build a network: {error}") from error
     stride = network_stride(model)
     preprocessed = config.preprocessed or default_preprocessed_dir(config.data)
@@ -63,11 +65,8 @@ def prepare_data(config: RunConfig) -> tuple[Plans, Path, list[str], list[str]]:
     return plans, preprocessed_data_dir(preprocessed, plans), train_ids, val_ids
 
 
-def build_network(config: RunConfig, plans: Plans, procs: Processes) -> tuple[nn.Module, nn.Module]:
-    """The network on the device, and the module training steps call: the network, or its DDP wrapper under torchrun.
-
-    DDP averages the gradients over the ranks; validation and saving use the network itself.
-    """
+def build_network(config: RunConfig, plans: Plans, device: torch.device) -> nn.Module:
+    """The network on the device, in channels_last_3d: (1,3,3) convs run up to 3x faster in this layout."""
     model = build_model(
         config.arch,
         config.preset,
@@ -75,14 +74,18 @@ def build_network(config: RunConfig, plans: Plans, procs: Processes) -> tuple[nn
         num_classes=plans.num_classes,
         **config.model_options,
     )
-    model = model.to(procs.device)
-    model = model.to(memory_format=torch.channels_last_3d)  # (1,3,3) convs run up to 3x faster in this layout
+    return model.to(device).to(memory_format=torch.channels_last_3d)
+
+
+def data_parallel(model: nn.Module, procs: Processes) -> nn.Module:
+    """The module training steps call: the network, or its DDP wrapper under torchrun (validation and saving use the
+    network itself). DDP averages the gradients over the ranks."""
     if not procs.distributed:
-        return model, model
+        return model
     device_ids = [procs.device.index] if procs.device.type == "cuda" else None
     # 1x1x1 kernels in channels_last_3d: their gradients' size-1 dims carry other (meaningless) strides.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSparsity | None:
@@ -95,7 +98,7 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
         None
         if s.static
         else sf.schedules.CosineDecay(
-            every=u.update_every, drop_fraction=u.drop_fraction, total_steps=last_update, stop=last_update
+            every=config.update_every, drop_fraction=u.drop_fraction, total_steps=last_update, stop=last_update
         )
     )
     return sf.DynamicSparsity(
@@ -178,12 +181,26 @@ class Trainer:
 
 
 def setup(config: RunConfig, procs: Processes) -> tuple[Trainer, dict | None]:
-    """Data, then the run folder (checked before anything in it is written), then model, optimizer, sparsity, loss
-    and loaders; returns them with the checkpoint to resume from, if any."""
+    """Data, model, optimizer, sparsity, loss and loaders, then the run folder: every setting has been tried before
+    anything in it is written or replaced. Returns them with the checkpoint to resume from, if any."""
     amp = procs.device.type == "cuda" and config.amp  # float16 autocast + GradScaler; CPU stays float32
     if procs.distributed and not procs.is_main:
         dist.barrier()  # rank 0 preprocesses and claims the run folder first; the others then find it all ready
     plans, data_dir, train_ids, val_ids = prepare_data(config)
+    torch.manual_seed(config.seed)
+    model = build_network(config, plans, procs.device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.budget.lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY
+    )
+    # Disabled (a pass-through, bit-identical to plain fp32 steps) unless AMP is on.
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    rank_seed = config.seed + 1000 * procs.rank  # each rank draws its own batches, like a DistributedSampler's shards
+    sparsity = build_sparsity(config, model, optimizer, scaler)
+    train_loader = TrainLoader(
+        data_dir, train_ids, plans, seed=rank_seed, augment=config.budget.augment, mirror_axes=config.mirror_axes
+    )
+    val_loader = TrainLoader(data_dir, val_ids, plans, seed=rank_seed + 1, augment="none")
+
     record = run_record(config, plans, {"train": train_ids, "val": val_ids}, procs.world_size, amp)
     latest = config.fold_dir / "checkpoint_latest.pth"
     if procs.is_main:
@@ -192,31 +209,20 @@ def setup(config: RunConfig, procs: Processes) -> tuple[Trainer, dict | None]:
             dist.barrier()
     else:
         saved = load_checkpoint(latest) if config.resume and latest.is_file() else None
-
-    torch.manual_seed(config.seed)
-    model, train_model = build_network(config, plans, procs)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.budget.lr, momentum=MOMENTUM, nesterov=True, weight_decay=WEIGHT_DECAY
-    )
-    # Disabled (a pass-through, bit-identical to plain fp32 steps) unless AMP is on.
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    rank_seed = config.seed + 1000 * procs.rank  # each rank draws its own batches, like a DistributedSampler's shards
     trainer = Trainer(
         config=config,
         procs=procs,
         plans=plans,
         record=record,
         model=model,
-        train_model=train_model,
+        train_model=data_parallel(model, procs),
         optimizer=optimizer,
-        sparsity=build_sparsity(config, model, optimizer, scaler),
+        sparsity=sparsity,
         scaler=scaler,
         autocast=(lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else contextlib.nullcontext,
         loss_fn=dice_ce_loss(),
-        train_loader=TrainLoader(
-            data_dir, train_ids, plans, seed=rank_seed, augment=config.budget.augment, mirror_axes=config.mirror_axes
-        ),
-        val_loader=TrainLoader(data_dir, val_ids, plans, seed=rank_seed + 1, augment="none"),
+        train_loader=train_loader,
+        val_loader=val_loader,
         guard=DivergenceGuard(amp, procs.distributed, latest),
         log=print if procs.is_main else (lambda *_, **__: None),  # rank 0 alone prints, writes and plots
     )
@@ -232,7 +238,7 @@ def describe_run(t: Trainer) -> str:
         sparse = f"static density {s.density}"
     else:
         sparse = (
-            f"dynamic density {s.density} (topology update every {u.update_every} iterations until "
+            f"dynamic density {s.density} (topology update every {config.update_every} iterations until "
             f"{u.update_until:.0%} of the run, drop fraction {u.drop_fraction})"
         )
     processes = f"; {procs.world_size} processes (global batch {procs.world_size * plans.batch_size})"
