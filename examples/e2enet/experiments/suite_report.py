@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from e2enet.training.plots import plot_dice_over_time
+
 
 def _training_seconds(run: dict) -> float:
     return float(sum(row["seconds"] for row in run["log"]))  # epochs include their validation batches
@@ -85,24 +87,5 @@ def format_suite(entries: list[dict]) -> str:
 def plot_suite(entries: list[dict], num_tasks: int, path: Path) -> None:
     """Validation pseudo-Dice against training seconds, averaged over every task and seed, one line per setting,
     with the test mDice averaged over the tasks at the end (a star): which setting is ahead at equal time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for e in entries:
-        logs = [run["log"] for run in e["runs"]]
-        epochs = min(len(log) for log in logs)
-        seconds = np.array([np.cumsum([log[k]["seconds"] for k in range(epochs)]) for log in logs]).mean(0)
-        dice = np.array([[log[k]["pseudo_dice"] for k in range(epochs)] for log in logs]).mean(0)
-        (line,) = ax.plot(seconds, dice, marker=".", label=e["name"])
-        ax.plot(seconds[-1], e["mdice_over_tasks"], marker="*", markersize=12, color=line.get_color())
-    ax.set_xlabel("training time per run (s)")
-    ax.set_ylabel("validation pseudo-Dice; star: test mDice")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"Mean over {num_tasks} task(s) x {len(entries[0]['seeds'])} seed(s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    title = f"Mean over {num_tasks} task(s) x {len(entries[0]['seeds'])} seed(s)"
+    plot_dice_over_time(entries, path, final="mdice_over_tasks", title=title)

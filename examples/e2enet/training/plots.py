@@ -136,10 +136,10 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_dice_over_time(rows: list[dict], path: Path) -> None:
-    """Validation pseudo-Dice against training seconds (epochs include their validation), mean over seeds, one line
-    per setting, with the held-out test mDice at the end: accuracy at equal wall-clock time, not only at equal
-    iterations."""
+def plot_dice_over_time(rows: list[dict], path: Path, *, final: str = "mdice", title: str | None = None) -> None:
+    """Validation pseudo-Dice against training seconds (epochs include their validation), mean over each row's runs,
+    one line per row, with the held-out test mDice (``row[final]``) as a star at the end: accuracy at equal
+    wall-clock time, not only at equal iterations. ``rows[i]["runs"][k]["log"]`` are train.py's log rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,11 +152,11 @@ def plot_dice_over_time(rows: list[dict], path: Path) -> None:
         seconds = np.array([np.cumsum([log[e]["seconds"] for e in range(epochs)]) for log in logs]).mean(0)
         dice = np.array([[log[e]["pseudo_dice"] for e in range(epochs)] for log in logs]).mean(0)
         (line,) = ax.plot(seconds, dice, label=row["name"])
-        ax.plot(seconds[-1], row["mdice"], marker="*", markersize=12, color=line.get_color())
-    ax.set_xlabel("training time (s)")
+        ax.plot(seconds[-1], row[final], marker="*", markersize=12, color=line.get_color())
+    ax.set_xlabel("training time per run (s)")
     ax.set_ylabel("validation pseudo-Dice; star: test mDice")
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(f"Accuracy against training time, mean over {len(rows[0]['runs'])} seed(s)")
+    ax.set_title(title or f"Accuracy against training time, mean over {len(rows[0]['runs'])} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
