@@ -10,7 +10,7 @@ from e2enet.nets.e2enet import PRESETS, E2ENet, Stride, build_e2enet, stride_pro
 
 ARCHITECTURES = ("e2enet", "dynunet")
 # Memory format of CPU inference, the faster one as measured per network and preset, masked or compacted
-# (docs/results.md, "Memory format"). CUDA always takes channels_last_3d.
+# (docs/results/index.md, "Memory format"). CUDA always takes channels_last_3d.
 CPU_INFERENCE_LAYOUT = {
     ("e2enet", "paper"): torch.channels_last_3d,
     ("e2enet", "cpu-demo"): torch.contiguous_format,
