@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsefuse as sf
-from e2enet.inference import compact_layers
 from e2enet.inference.compaction import CompactNode, CompactUnit, compact_e2enet, e2enet_compaction_plan
 from e2enet.nets.e2enet import build_e2enet, e2enet_fusion_targets
 from tests.core.helpers import FixedMasks, assert_matches
@@ -199,8 +198,8 @@ def test_zero_weights_are_the_masks_when_no_sparsifier_is_given():
 
 @pytest.mark.parametrize("memory_format", sorted(FORMATS))
 def test_in_place_instance_norm_equals_torchs(monkeypatch, memory_format):
-    monkeypatch.setattr(compact_layers, "IN_PLACE_NORM_MIN", 0)
-    monkeypatch.setattr(compact_layers, "NORM_SLAB", 3000)  # several slabs
+    monkeypatch.setattr(sf.nn.norm, "IN_PLACE_NORM_MIN", 0)
+    monkeypatch.setattr(sf.nn.norm, "NORM_SLAB", 3000)  # several slabs
     norm = nn.InstanceNorm3d(6, affine=True)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2.0)
@@ -208,14 +207,14 @@ def test_in_place_instance_norm_equals_torchs(monkeypatch, memory_format):
     x = (torch.randn(2, 6, 7, 9, 10) * 3 + 5).contiguous(memory_format=FORMATS[memory_format])
     want = F.instance_norm(x.double(), weight=norm.weight.double(), bias=norm.bias.double(), eps=norm.eps)
     with torch.no_grad():  # inference: written over its input
-        got = compact_layers.instance_norm_in_place(norm, x.clone(memory_format=torch.preserve_format))
+        got = sf.nn.instance_norm_in_place(norm, x.clone(memory_format=torch.preserve_format))
     assert got.is_contiguous(memory_format=FORMATS[memory_format])
     assert (got - want).abs().max().item() < 1e-5
 
 
 def test_whole_network_with_in_place_norms(monkeypatch):
-    monkeypatch.setattr(compact_layers, "IN_PLACE_NORM_MIN", 0)
-    monkeypatch.setattr(compact_layers, "NORM_SLAB", 5000)
+    monkeypatch.setattr(sf.nn.norm, "IN_PLACE_NORM_MIN", 0)
+    monkeypatch.setattr(sf.nn.norm, "NORM_SLAB", 5000)
     model, sparsity = sparse_demo(0.3)
     x = torch.randn(2, 1, 16, 32, 32)
     with torch.no_grad():

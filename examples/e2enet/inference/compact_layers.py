@@ -1,12 +1,14 @@
 """The layers a compacted E2ENet (:mod:`compaction`) is built from, and their fast CPU kernels: direct oneDNN convs,
-the in-place instance norm, upsampling as a matrix product and a pixel shuffle, channel gathers, the channel-run copy
-that assembles a conv's shifted input, and the compact unit and node modules.
+upsampling as a matrix product and a pixel shuffle, channel gathers, the channel-run copy that assembles a conv's
+shifted input, and the compact unit and node modules (their norm: ``sparsefuse.nn.instance_norm_in_place``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from sparsefuse.nn import instance_norm_in_place
 
 __all__ = [
     "CompactNode",
@@ -16,7 +18,6 @@ __all__ = [
     "Run",
     "Upsample",
     "copy_runs",
-    "instance_norm_in_place",
     "onednn_conv",
     "to_memory_format",
 ]
@@ -25,11 +26,6 @@ __all__ = [
 Run = tuple[int, int, int, int, int]
 # (first destination channel, channel count, shift): channels whose |shift| boundary slices are zero
 Fill = tuple[int, int, int]
-
-# Below this many elements torch's own instance norm is cheaper than the in-place one (fewer, smaller ops).
-IN_PLACE_NORM_MIN = 1 << 20
-# Elements per slab of the centred sum of squares in the in-place norm: a temporary small enough to be reused.
-NORM_SLAB = 1 << 21
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -105,40 +101,6 @@ def onednn_conv(conv: nn.Conv3d, x: Tensor) -> Tensor:
     if eager and x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
         return torch.mkldnn_convolution(x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, 1)
     return conv(x)
-
-
-def instance_norm_in_place(norm: nn.InstanceNorm3d, x: Tensor) -> Tensor:
-    """``norm(x)``, written over ``x`` (a conv output nothing else holds) when ``x`` is large.
-
-    Writing in place saves allocating a new full-size tensor (fresh memory costs page faults: a 50 MB copy into
-    new memory took 3-7x as long as into memory already used, on this CPU), and for channels_last_3d it skips
-    torch's copy to contiguous: 1.8x faster than ``F.instance_norm`` for 48 x 64^3 on one thread. Statistics: a sum
-    over D, H, W for the mean, then the centred squares summed in slabs along D, as accurate as torch's (the
-    single-pass alternatives measured 20-400x larger errors).
-
-    Not :class:`sparsefuse.nn.ChannelsLastInstanceNorm3d`, which the trained network's units use: its batch-norm
-    statistics measured 15-330x torch's error on channels-last tensors of 3M-13M elements, and in a compacted
-    network they flipped predicted voxels. Below the in-place size ``norm`` is torch's own instance norm.
-    """
-    # A traced graph (torch.export, torch.compile, ONNX) gets torch's op: the compiler fuses the norm anyway, and the
-    # size test would tie the graph to one batch size.
-    if norm.track_running_stats or torch.compiler.is_compiling() or x.numel() < IN_PLACE_NORM_MIN:
-        return norm(x)
-    dims = (2, 3, 4)
-    voxels = x.shape[2] * x.shape[3] * x.shape[4]
-    mean = x.sum(dims, keepdim=True) / voxels
-    slab = max(1, NORM_SLAB // (x.numel() // x.shape[2]))
-    var = sum((s - mean).square_().sum(dims, keepdim=True) for s in x.split(slab, dim=2)) / voxels
-    scale = torch.rsqrt(var + norm.eps)
-    if norm.affine:
-        scale = scale * norm.weight.view(1, -1, 1, 1, 1)
-    shift = -mean * scale
-    if norm.affine:
-        shift = shift + norm.bias.view(1, -1, 1, 1, 1)
-    shift, scale = shift.to(x.dtype), scale.to(x.dtype)  # statistics may be float32 under autocast
-    if torch.is_grad_enabled():  # autograd cannot record out=
-        return torch.addcmul(shift, x, scale)
-    return torch.addcmul(shift, x, scale, out=x)
 
 
 class Gather(nn.Module):
