@@ -282,6 +282,28 @@ def test_predict_writes_input_geometry_and_evaluates(dataset, finished_run, tmp_
     assert_scores_are_the_dice_of_the_files(summary, dataset / "labelsTs", tmp_path / "pred", labels)
 
 
+def test_tta_mirrors_only_the_axes_the_run_trained_with(dataset, finished_run, tmp_path, capsys):
+    """A run trained without mirroring gets no mirrored passes from --tta (mirroring every axis halved the Dice of
+    a left/right task); a run trained mirroring X alone gets X, and the manifest says which axes were used."""
+    out, _ = finished_run  # cpu-demo: no augmentation
+    images = dataset / "imagesTs"
+
+    def run_predict(model, target, *flags):
+        argv = ["--model", str(model), "--input", str(images), "--output", str(target), "--no-progress", *flags]
+        written = predict.main(argv)
+        manifest = json.loads((target / predict.MANIFEST_FILE).read_text())
+        return np.asarray(nib.load(written[0]).dataobj), manifest["settings"]["tta_axes"], capsys.readouterr().out
+
+    plain, axes, _ = run_predict(out, tmp_path / "plain")
+    with_tta, tta_axes, printed = run_predict(out, tmp_path / "tta", "--tta")
+    assert np.array_equal(plain, with_tta) and axes == tta_axes == []
+    assert "nothing to average" in printed
+    mirrored = tmp_path / "mirrored"
+    train.train(run_config(dataset, mirrored, epochs=1, augment="light", mirror_axes=(0,)))
+    _, axes, printed = run_predict(mirrored, tmp_path / "mirrored_pred", "--tta")
+    assert axes == [0] and "array axes X" in printed and "2 passes" in printed
+
+
 def test_predict_refuses_inputs_with_the_wrong_channels(finished_run, tmp_path, capsys):
     out, _ = finished_run
     (tmp_path / "in").mkdir()

@@ -210,13 +210,11 @@ def test_a_truncated_prediction_is_predicted_again(mni, run, tmp_path):
 def test_predictions_of_other_settings_are_refused_or_replaced(mni, run, tmp_path, capsys):
     output = tmp_path / "pred"
     predict.main(predict_args(run, mni / "imagesTs", output))
-    status, err = exit_status(predict.main, predict_args(run, mni / "imagesTs", output, "--tta"), capsys)
-    assert status == 2 and "tta" in err and "--overwrite" in err, err
     status, err = exit_status(
         predict.main, predict_args(run, mni / "imagesTs", output, "--checkpoint", "latest"), capsys
     )
-    assert status == 2 and "checkpoint" in err, err
-    replaced = predict.main(predict_args(run, mni / "imagesTs", output, "--tta", "--overwrite"))
+    assert status == 2 and "checkpoint" in err and "--overwrite" in err, err
+    replaced = predict.main(predict_args(run, mni / "imagesTs", output, "--checkpoint", "latest", "--overwrite"))
     assert len(replaced) == 2
 
 

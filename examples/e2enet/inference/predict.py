@@ -46,7 +46,7 @@ MANIFEST_FILE = "predict_manifest.json"
 # preset, docs/compaction.md). Kernel-level masks leave almost no channel dead.
 COMPACTED_GRANULARITIES = ("input_channel", "input_channel_blocks")
 # What must be equal for a recorded prediction to count as this model's with these settings.
-COMPARED_SETTINGS = ("plans_sha256", "checkpoint", "folds", "tta")
+COMPARED_SETTINGS = ("plans_sha256", "checkpoint", "folds", "tta_axes")
 
 
 def file_sha256(path: Path) -> str:
@@ -137,12 +137,28 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
     return models, plans, config, paths
 
 
+def tta_axes(config: dict, tta: bool) -> list[int]:
+    """The image array axes (X, Y, Z = 0, 1, 2) that test-time augmentation mirrors: those the run was trained to
+    see mirrored, none without ``tta``. Mirroring an axis the network never saw flipped (left and right as
+    different classes, say) would average its predictions with wrong ones."""
+    if not tta:
+        return []
+    if "augment" not in config:
+        raise Problem(
+            "--tta: this run's config.json does not record its augmentation (it predates that record), so which "
+            "mirrorings the network saw is unknown; predict without --tta, or train the run again"
+        )
+    return [] if config["augment"] == "none" else sorted(config["mirror_axes"])
+
+
 @torch.no_grad()
-def predict_probabilities(models, image: torch.Tensor, patch: list[int], tta: bool) -> torch.Tensor:
-    """(1, C, X, Y, Z) normalised image -> (K, X, Y, Z) softmax, averaged over folds and mirrorings."""
+def predict_probabilities(models, image: torch.Tensor, patch: list[int], mirror_axes: list[int]) -> torch.Tensor:
+    """(1, C, X, Y, Z) normalised image -> (K, X, Y, Z) softmax, averaged over folds and the mirrorings of every
+    subset of ``mirror_axes`` (image array axes)."""
     x = to_network_layout(image)
     roi = list(reversed(patch))  # the plans' patch is (X, Y, Z); the network sees (Z, Y, X)
-    flips = [()] + ([c for r in (1, 2, 3) for c in itertools.combinations((2, 3, 4), r)] if tta else [])
+    dims = [4 - axis for axis in mirror_axes]  # array axis X, Y, Z is dim 4, 3, 2 of the (B, C, Z, Y, X) tensor
+    flips = [c for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
     total = None
     for model in models:
         for axes in flips:
@@ -156,15 +172,24 @@ def predict_probabilities(models, image: torch.Tensor, patch: list[int], tta: bo
     return to_network_layout(total / (len(models) * len(flips)))[0]
 
 
+def describe_tta(config: dict, tta: bool, mirror_axes: list[int]) -> str:
+    if not tta:
+        return ""
+    if not mirror_axes:
+        return "; --tta: the run trained without mirroring, so there is nothing to average (plain prediction)"
+    names = ", ".join("XYZ"[axis] for axis in mirror_axes)
+    return f" and mirror TTA over array axes {names} (those the run trained with), {2 ** len(mirror_axes)} passes"
+
+
 # ------------------------------------------------------------------------------------------------ manifest
-def prediction_settings(run_dir: Path, paths: dict[str, Path], checkpoint: str, tta: bool) -> dict:
-    """What makes a prediction this model's: the run's plans, each fold's checkpoint (by hash), TTA."""
+def prediction_settings(run_dir: Path, paths: dict[str, Path], checkpoint: str, tta_axes: list[int]) -> dict:
+    """What makes a prediction this model's: the run's plans, each fold's checkpoint (by hash), the mirrored axes."""
     return {
         "model": str(run_dir.resolve()),  # for the reader; the hashes decide
         "plans_sha256": file_sha256(run_dir / PLANS_FILE),
         "checkpoint": checkpoint,
         "folds": {fold: file_sha256(path) for fold, path in paths.items()},
-        "tta": tta,
+        "tta_axes": tta_axes,
     }
 
 
@@ -230,7 +255,12 @@ def main(argv=None) -> list[Path]:
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--folds", nargs="+", default=None, help="folds to ensemble (default: every trained fold)")
     p.add_argument("--checkpoint", choices=["final", "latest"], default="final")
-    p.add_argument("--tta", action="store_true", help="average over the 8 mirrorings (8x slower)")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average over the mirrorings of the axes the run trained with (up to 8x slower; none if it trained "
+        "without mirroring)",
+    )
     p.add_argument("--save-probabilities", action="store_true", help="also write {case}.npz with the softmax")
     p.add_argument("--overwrite", action="store_true", help="predict every case again, whatever the folder holds")
     p.add_argument("--no-progress", action="store_true")
@@ -245,11 +275,12 @@ def main(argv=None) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, plans, config, paths = load_folds(args.model, args.folds, args.checkpoint, device, not args.no_compact)
     cases = find_input_cases(args.input, config["in_channels"])
-    settings = prediction_settings(args.model, paths, args.checkpoint, args.tta)
+    mirror_axes = tta_axes(config, args.tta)
+    settings = prediction_settings(args.model, paths, args.checkpoint, mirror_axes)
     manifest = open_manifest(args.output, settings, cases, args.overwrite)
     args.output.mkdir(parents=True, exist_ok=True)
     written = []
-    print(f"predicting {len(cases)} case(s) with fold(s) {list(paths)}{' and mirror TTA' if args.tta else ''}")
+    print(f"predicting {len(cases)} case(s) with fold(s) {list(paths)}{describe_tta(config, args.tta, mirror_axes)}")
     for case, files in tqdm(cases.items(), disable=args.no_progress):
         target, npz = args.output / f"{case}.nii.gz", args.output / f"{case}.npz"
         inputs = {path.name: file_sha256(path) for path in files}
@@ -260,7 +291,7 @@ def main(argv=None) -> list[Path]:
         if reason:
             tqdm.write(f"{case}: predicting again, {reason}")
         data, _, _, properties = preprocess_case(files, None, plans, case_id=case)
-        probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans.patch_size, args.tta)
+        probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans.patch_size, mirror_axes)
         probs = revert_preprocessing(probs.cpu().numpy(), properties, is_label=False)
         segmentation = probs.argmax(0).astype(np.uint8)
         save_nifti(nib.Nifti1Image(segmentation, np.asarray(properties["original_affine"])), target)

@@ -24,7 +24,8 @@ CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
 FOLD_OUTPUTS = (*CHECKPOINTS, "log.csv", "progress.png", "fusion_connections.png", "fusion_connections.json")
 # What predict.py needs to rebuild the network (MODEL_KEYS) and to feed it what it was trained on.
 MODEL_KEYS = ("arch", "preset", "in_channels", "num_classes", "model_options", "granularity")
-RUN_KEYS = (*MODEL_KEYS, "model_arguments", "preprocessing_hash", "patch_size")
+# augment and mirror_axes: which mirrorings predict.py's TTA may average (those the network saw in training).
+RUN_KEYS = (*MODEL_KEYS, "model_arguments", "preprocessing_hash", "patch_size", "augment", "mirror_axes")
 
 
 def run_record(config: RunConfig, plans: Plans, split: dict, world_size: int, amp: bool) -> dict:
