@@ -69,7 +69,7 @@ from e2enet.dataset.mni_tasks import (
     Task,
     smooth_field,
 )
-from e2enet.training.loader import rotation_matrix
+from e2enet.preprocessing.geometry import rotation_matrix
 
 DATASET_ID = TASKS["tissue"].dataset_id
 DATASET_NAME = TASKS["tissue"].dataset_name

@@ -34,11 +34,11 @@ from e2enet.atomic import atomic_write, write_json
 from e2enet.dataset.layout import CHANNEL_FILE, problem_list, save_nifti
 from e2enet.inference.compaction import compact_e2enet
 from e2enet.nets.registry import build_model, inference_memory_format
+from e2enet.preprocessing.geometry import to_network_layout
 from e2enet.preprocessing.planning import PLANS_FILE
 from e2enet.preprocessing.preprocess import preprocess_case, revert_preprocessing
 from e2enet.problems import Problem, exit_on_problem
 from e2enet.training.checkpoint import load_checkpoint
-from e2enet.training.loader import to_network_layout
 from e2enet.training.run_folder import CONFIG_FILE, fold_problems, load_run, trained_folds
 
 MANIFEST_FILE = "predict_manifest.json"

@@ -35,8 +35,8 @@ from monai.transforms import (
     SpatialCrop,
     SpatialPad,
 )
-from monai.transforms.utils import create_rotate
 
+from e2enet.preprocessing.geometry import rotation_matrix, to_network_layout
 from e2enet.preprocessing.planning import Plans, as_triple, check_patch_size
 from e2enet.preprocessing.preprocess import load_preprocessed_case
 from e2enet.training.config import ALL_AXES, AUGMENTATIONS
@@ -45,24 +45,6 @@ OVERSAMPLE_FOREGROUND = 0.33
 # Augmentation recipes (train.py --augment). "nnunet" is the E2ENet trainer's, made for 250,000 iterations; in a
 # run of a few thousand it slows learning more than it regularises (docs/results/log.md).
 # "light" keeps the cheap intensity changes (brightness, contrast, gamma) and mirroring, no resampling or noise.
-
-
-def to_network_layout(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, X, Y, Z) as nibabel reads NIfTI <-> (B, C, Z, Y, X), the order nnU-Net (SimpleITK) feeds networks.
-
-    E2ENet's depth axis (dim 2: where it shifts, and where its kernels are 1 wide) must be the slice axis Z, as in
-    the authors' nnU-Net pipeline. Reversing the spatial axes is its own inverse.
-    """
-    return x.permute(0, 1, 4, 3, 2)
-
-
-def rotation_matrix(radians: Sequence[float]) -> np.ndarray:
-    """3x3 rotation about x by ``radians[0]``, then y, then z (fixed axes): Rz @ Ry @ Rx.
-
-    MONAI composes Rx @ Ry @ Rz (its only order before MONAI 1.6), so this is the transpose of MONAI's matrix
-    for the opposite angles.
-    """
-    return create_rotate(3, [-r for r in radians])[:3, :3].T
 
 
 class Augmentation:
