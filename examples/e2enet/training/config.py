@@ -19,16 +19,18 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import sparsefuse as sf
+from e2enet.nets.registry import ARCHITECTURES
 from e2enet.problems import Problem
 
-ARCHITECTURES = ("e2enet", "dynunet")
 AUGMENTATIONS = ("nnunet", "light", "none")
 ALL_AXES = (0, 1, 2)
 GRANULARITIES = ("kernel", "input_channel", "input_channel_blocks")
 SPARSE_LAYERS = ("fusion", "fusion-convs")
-DISTRIBUTIONS = ("uniform", "er", "erk")
-GROWTHS = ("random", "gradient")
-REGROW_INITS = ("zeros", "reinit")
+# The library's own names, so a policy it adds is a choice here too.
+DISTRIBUTIONS = tuple(sf.distribution.DISTRIBUTIONS)
+GROWTHS = tuple(sf.growth.GROWTHS)
+REGROW_INITS = tuple(sf.growth.REGROW_INITS)
 FOLDS = ("0", "1", "2", "3", "4", "all")
 
 # The authors' optimiser: SGD with Nesterov momentum, poly learning rate, clipped gradients.

@@ -39,7 +39,6 @@ from e2enet.training.run_folder import claim_fold, run_record
 
 # Which fusion layers DSFF masks: all of them (the paper), or the fusion convs alone with the transposed convs dense.
 SPARSE_LAYERS = {"fusion": e2enet_fusion_targets, "fusion-convs": is_fusion_conv}
-GROWTH = {"random": sf.growth.RandomGrowth, "gradient": sf.growth.Gradient}  # SET / E2ENet, and RigL
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -108,7 +107,7 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
         targets=SPARSE_LAYERS[s.sparse_layers],
         granularity=s.granularity,
         scorer=sf.scorers.L1(),
-        growth=GROWTH[u.growth](),
+        growth=u.growth,  # a name of sf.growth.GROWTHS: random (SET, the paper) or gradient (RigL)
         regrow_init=u.regrow_init,
         schedule=schedule,
         seed=config.seed,
