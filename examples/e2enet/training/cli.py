@@ -29,8 +29,10 @@ Writes, into ``RUN_DIR``: ``plans.json`` and ``config.json`` (what predict.py ne
 ``RUN_DIR/fold_F``: ``checkpoint_latest.pth`` (every epoch, atomically: model, optimizer, sparsity, loader and
 RNG state, log), ``checkpoint_final.pth``, ``log.csv``, ``progress.png``, ``fusion_connections.png``. A fold that
 already holds a run is continued with ``--resume`` or replaced with ``--overwrite``, never silently; the checks
-(run_folder.py) come before anything in RUN_DIR is written, so a refused run leaves it as it was. A problem with
-the data or the run folder is one ``error: ...`` line and exit status 2.
+(run_folder.py) come before anything in RUN_DIR is written, so a refused run leaves it as it was. While it runs, a
+training holds ``RUN_DIR/fold_F/train.lock`` (its process id, host and start time): a second training into the same
+fold is refused, ``--overwrite`` included, and the lock of a training killed on the same host is taken over. A
+problem with the data or the run folder is one ``error: ...`` line and exit status 2.
 """
 
 from __future__ import annotations

@@ -4,11 +4,21 @@
 ensembles the folds ``RUN_DIR/fold_F/checkpoint_*.pth`` with them. So every fold of a run must share the keys of
 ``RUN_KEYS``: train.py refuses a fold that would break that (:func:`claim_fold`) and predict.py a checkpoint that
 does (:func:`fold_problems`). A refused train.py run changes nothing: every check comes before the first write.
+
+One training at a time writes a fold: it holds ``RUN_DIR/fold_F/train.lock`` (:func:`fold_lock`) from before it
+claims the fold until it exits. The lock is the fold's, not the run's, because the folds of one run may train at
+once (one per GPU, as nnU-Net's are): they share only plans.json and config.json, written atomically and checked
+against the trained folds here and by predict.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from e2enet.atomic import write_json
@@ -19,6 +29,7 @@ from e2enet.training.checkpoint import check_resumable, load_checkpoint
 from e2enet.training.config import RUN_ONLY, RunConfig, settings_of
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = "train.lock"
 CHECKPOINTS = ("checkpoint_latest.pth", "checkpoint_final.pth")
 # What train.py writes into RUN_DIR/fold_F: what --overwrite replaces and what makes a fold "already trained".
 FOLD_OUTPUTS = (*CHECKPOINTS, "log.csv", "progress.png", "fusion_connections.png", "fusion_connections.json")
@@ -134,3 +145,117 @@ def fold_problems(path: Path, saved: dict, plans: Plans, config: dict) -> list[s
         for key, value, source in expected
         if saved.get(key) != value
     ]
+
+
+# ------------------------------------------------------------------------------------------------ the fold lock
+def _read_lock(path: Path) -> dict | None:
+    """The holder a lock file names ({} when it names none), or None when there is no lock."""
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # cut short by a crash as it was written, or not a lock of train.py
+        return {}
+    named = isinstance(holder, dict) and type(holder.get("pid")) is int and isinstance(holder.get("host"), str)
+    return holder if named and "since" in holder else {}
+
+
+def _process_runs(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would send the process Ctrl-C there: a dead training's lock is removed by hand
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def _is_stale(holder: dict) -> bool:
+    """A lock of this host whose process is gone; a pid equal to ours was reused (a restarted container)."""
+    return holder["host"] == socket.gethostname() and (holder["pid"] == os.getpid() or not _process_runs(holder["pid"]))
+
+
+def _refusal(path: Path, holder: dict) -> Problem:
+    fold_dir = path.parent
+    if not holder:
+        return Problem(
+            f"{fold_dir} is locked by {path}, which names no holder (written by a training that crashed as it "
+            f"started, or by something else): if no training is running into this fold, delete {path} and train again"
+        )
+    who = f"process {holder['pid']} on {holder['host']} since {holder['since']}"
+    if holder["host"] == socket.gethostname():
+        return Problem(
+            f"{fold_dir} is being trained by {who} (its lock {path}); wait for that training to finish or stop it, "
+            "or train into another --out"
+        )
+    return Problem(
+        f"{fold_dir} is being trained by {who} (its lock {path}), and {socket.gethostname()} cannot check whether "
+        f"that process still runs: wait for it, or, if you know that training is dead, delete {path} and train again"
+    )
+
+
+def _create_lock(path: Path, holder: dict) -> bool:
+    """Create the lock naming ``holder``, atomically (O_EXCL, also on NFS v3+); False where one exists."""
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            f.write(json.dumps(holder) + "\n")
+    except BaseException:  # a full disk: leave no lock that names nobody
+        path.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _take_lock(path: Path) -> dict:
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if _create_lock(path, holder):
+        return holder
+    other = _read_lock(path)
+    if other is not None:
+        if not other or not _is_stale(other):
+            raise _refusal(path, other)
+        print(
+            f"note: taking over {path}: process {other['pid']} of this host, which took it on {other['since']}, "
+            "no longer runs (a training that was killed)"
+        )
+        path.unlink(missing_ok=True)
+    if _create_lock(path, holder):
+        return holder
+    raise _refusal(path, _read_lock(path) or {})  # another training took it in between
+
+
+@contextlib.contextmanager
+def fold_lock(fold_dir: Path) -> Iterator[None]:
+    """Hold ``fold_dir/train.lock`` inside, naming this process, its host and start time; a Problem naming the holder
+    where another training holds it. It is released on every way out; one left by a killed process of this host is
+    taken over, one of another host is refused (its process cannot be checked from here). The folders it creates are
+    removed on the way out when they are still empty, so a refused run leaves nothing behind."""
+    created = []
+    folder = fold_dir
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    path = fold_dir / LOCK_FILE
+    try:
+        holder = _take_lock(path)
+        try:
+            yield
+        finally:
+            if _read_lock(path) == holder:  # never another training's lock
+                path.unlink()
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break

@@ -35,7 +35,7 @@ from e2enet.training.epoch_log import EpochResult, describe, epoch_row, validate
 from e2enet.training.loader import TrainLoader, to_device
 from e2enet.training.loss import deep_supervision_loss, dice_ce_loss
 from e2enet.training.plots import fusion_connection_proportions, plot_fusion_connections, plot_progress
-from e2enet.training.run_folder import claim_fold, run_record
+from e2enet.training.run_folder import claim_fold, fold_lock, run_record
 
 # Which fusion layers DSFF masks: all of them (the paper), or the fusion convs alone with the transposed convs dense.
 SPARSE_LAYERS = {"fusion": e2enet_fusion_targets, "fusion-convs": is_fusion_conv}
@@ -306,7 +306,15 @@ def train(config: RunConfig) -> dict:
     """Train one fold as ``config`` says; returns the fold folder, log, model, sparsity, plans and run record."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    t, saved = setup(config, setup_distributed())
+    procs = setup_distributed()
+    # Rank 0 alone writes the fold, so it alone holds the lock: from before the fold is claimed to the last write.
+    with fold_lock(config.fold_dir) if procs.is_main else contextlib.nullcontext():
+        return train_fold(config, procs)
+
+
+def train_fold(config: RunConfig, procs: Processes) -> dict:
+    """:func:`train` once this process may write the fold."""
+    t, saved = setup(config, procs)
     start_epoch = 0
     if saved is not None:
         start_epoch = t.restore(saved)

@@ -1,0 +1,137 @@
+"""What train.py does to a run folder that another training holds, that it cannot write, or whose disk fills up.
+
+One tiny trained run (the MNI dataset at 6 mm, one epoch of two iterations), copied for every test that changes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from e2enet.dataset import mni as prepare_mni
+from e2enet.problems import Problem
+from e2enet.training import run_folder, train
+
+
+def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    budget = ["--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--no-progress"]
+    return ["--data", str(dataset), "--out", str(out), *budget, "--preprocessed", str(out.parent / "pre"), *extra]
+
+
+def exit_status(argv, capsys) -> tuple[int, str]:
+    """train.py's exit status and stderr; any exception but SystemExit (a traceback) fails the test."""
+    capsys.readouterr()
+    try:
+        train.main(argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_lock(fold_dir: Path, pid: int, host: str | None = None) -> Path:
+    lock = fold_dir / run_folder.LOCK_FILE
+    holder = {"pid": pid, "host": host or socket.gethostname(), "since": "2026-01-02T03:04:05+00:00"}
+    lock.write_text(json.dumps(holder))
+    return lock
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+@pytest.fixture(scope="module")
+def mni(tmp_path_factory) -> Path:
+    return prepare_mni.build_mni_dataset(tmp_path_factory.mktemp("raw"), num_train=5, num_test=1, spacing_mm=6.0)
+
+
+@pytest.fixture(scope="module")
+def run(mni, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train.main(train_args(mni, out))
+    return out
+
+
+@pytest.fixture
+def run_copy(run, tmp_path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- one training per fold
+
+
+def test_a_fold_that_a_running_training_holds_is_refused_and_overwrite_deletes_nothing(mni, run_copy, capsys):
+    holder = os.getppid()  # a process that runs for as long as this test
+    write_lock(run_copy / "fold_0", holder)
+    before = snapshot(run_copy)
+    status, err = exit_status(train_args(mni, run_copy, "--overwrite"), capsys)
+    assert status == 2, err
+    assert f"process {holder} on {socket.gethostname()} since 2026-01-02T03:04:05+00:00" in err, err
+    assert "wait for that training to finish or stop it" in err and err.count("\n") == 1, err
+    assert snapshot(run_copy) == before  # the checkpoints, log and plot of the running training, and its lock
+
+
+def test_a_lock_of_another_host_is_refused_with_how_to_remove_it(tmp_path):
+    fold_dir = tmp_path / "run" / "fold_0"
+    fold_dir.mkdir(parents=True)
+    lock = write_lock(fold_dir, dead_pid(), host="another-node")
+    refused = r"process \d+ on another-node since .*if you know that training is dead, delete"
+    with pytest.raises(Problem, match=refused):
+        with run_folder.fold_lock(fold_dir):
+            pass
+    assert json.loads(lock.read_text())["host"] == "another-node"
+
+
+def test_a_lock_that_names_no_holder_is_refused(tmp_path):
+    fold_dir = tmp_path / "run" / "fold_0"
+    fold_dir.mkdir(parents=True)
+    (fold_dir / run_folder.LOCK_FILE).write_text("")
+    with pytest.raises(Problem, match="names no holder.*if no training is running into this fold, delete"):
+        with run_folder.fold_lock(fold_dir):
+            pass
+
+
+def test_the_lock_of_a_killed_training_is_taken_over_with_a_note(mni, run_copy, capsys):
+    killed = dead_pid()
+    lock = write_lock(run_copy / "fold_0", killed)
+    capsys.readouterr()
+    train.main(train_args(mni, run_copy, "--overwrite"))
+    printed = capsys.readouterr().out
+    assert f"taking over {lock}: process {killed} of this host" in printed and "no longer runs" in printed
+    assert not lock.exists()
+
+
+def test_the_lock_is_held_while_training_and_released_on_every_way_out(mni, run_copy, monkeypatch, capsys):
+    lock = run_copy / "fold_0" / run_folder.LOCK_FILE
+    holders = []
+    for failure, seen_as in [
+        (KeyboardInterrupt(), KeyboardInterrupt),
+        (RuntimeError("a bug"), RuntimeError),
+        (Problem("a problem found while training"), SystemExit),
+    ]:
+
+        def failing_step(t, epoch, failure=failure):
+            holders.append(json.loads(lock.read_text()))
+            raise failure
+
+        monkeypatch.setattr(train, "train_step", failing_step)
+        with pytest.raises(seen_as):
+            train.main(train_args(mni, run_copy, "--overwrite"))
+        assert not lock.exists(), failure
+    assert [(h["pid"], h["host"]) for h in holders] == [(os.getpid(), socket.gethostname())] * 3
+    monkeypatch.undo()
+    train.main(train_args(mni, run_copy, "--overwrite"))
+    assert not lock.exists()
