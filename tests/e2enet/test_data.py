@@ -379,6 +379,16 @@ def _undeclared_label(dataset: Path) -> None:
     write_nifti(dataset / "labelsTr" / "case_b.nii.gz", label)
 
 
+def _no_foreground(dataset: Path) -> None:
+    for path in (dataset / "labelsTr").glob("*.nii.gz"):
+        write_nifti(path, np.zeros((10, 10, 10), np.uint8))
+
+
+def _class_in_no_training_label(dataset: Path) -> None:
+    meta = json.loads((dataset / "dataset.json").read_text())
+    (dataset / "dataset.json").write_text(json.dumps(dict(meta, labels={**meta["labels"], "edema": 2})))
+
+
 def _nan_voxel(dataset: Path) -> None:
     path = dataset / "imagesTr" / "case_b_0000.nii.gz"
     image = nib.load(path).get_fdata(dtype=np.float32)
@@ -399,10 +409,23 @@ def _extra_channel(dataset: Path) -> None:
         (_label_shape, r"case_b: label shape \(10, 10, 9\) != image shape \(10, 10, 10\)"),
         (_label_affine, r"case_b: label affine differs from the image affine"),
         (_undeclared_label, r"case_b: label values \[5\] are not declared"),
+        (_no_foreground, r"no training label holds any foreground.*'lesion' \(1\).*put the segmentations in labelsTr"),
+        (_class_in_no_training_label, r"class 'edema' \(value 2\) is declared .* occurs in no training label"),
         (_nan_voxel, r"case_b: case_b_0000.nii.gz has 1 NaN/inf voxel"),
         (_extra_channel, r"case_b: file case_b_0002.nii.gz is channel 2 but dataset.json declares 2 channel"),
     ],
-    ids=["missing-channel", "missing-label", "numTraining", "shape", "affine", "undeclared", "nan", "extra-channel"],
+    ids=[
+        "missing-channel",
+        "missing-label",
+        "numTraining",
+        "shape",
+        "affine",
+        "undeclared",
+        "no-foreground",
+        "absent-class",
+        "nan",
+        "extra-channel",
+    ],
 )
 def test_bad_input_is_reported_with_case_and_problem(tiny_dataset, corrupt, expected):
     verify_dataset(tiny_dataset)  # valid before corruption
@@ -429,7 +452,7 @@ def test_ct_plan_without_any_foreground_is_refused(tmp_path):
     cases = {f"ct_{i}": ([air[i]], empty) for i in range(2)}
     dataset = make_dataset(tmp_path, {"0": "CT"}, {"background": 0, "organ": 1}, cases)
     with pytest.raises(ValueError, match=r"channel 0 \(CT\) uses CT normalisation.*no training case has a foreground"):
-        planning.plan_and_preprocess(dataset, tmp_path / "pre", network_stride=4)
+        planning.plan_and_preprocess(dataset, tmp_path / "pre", verify=False, network_stride=4)  # verify refuses it
 
 
 def test_plan_stops_before_preprocessing_bad_data(tiny_dataset, tmp_path, capsys):

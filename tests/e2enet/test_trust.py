@@ -414,7 +414,7 @@ def test_dataset_given_as_dot_is_resolved(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def small_case(tmp_path_factory) -> Path:
-    return synthetic_dataset(tmp_path_factory.mktemp("small"), num_cases=1, size=6)
+    return synthetic_dataset(tmp_path_factory.mktemp("small"), num_cases=1, size=8)  # at 6 the label cube is empty
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

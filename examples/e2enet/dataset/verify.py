@@ -3,9 +3,10 @@
 :func:`verify_dataset` reads every image and label in full (so a damaged gzip, a truncated file or a broken header
 is one item of the list, not a crash) and checks: dataset.json keys and types; every case has all its channels and
 a label; no stray files; numTraining matches; channels and label share shape and affine; images are finite, not
-blank, and free of values extreme enough to collapse z-scoring; labels are integers and declared. ``imagesTs`` (and
-``labelsTs`` if present) get the same checks. Blank images and extreme values are flagged here, with the rest,
-because normalisation would otherwise stop on them one case at a time.
+blank, and free of values extreme enough to collapse z-scoring; labels are integers and declared, and every declared
+class occurs in some training label. ``imagesTs`` (and ``labelsTs`` if present) get the same checks. Blank images
+and extreme values are flagged here, with the rest, because normalisation would otherwise stop on them one case at a
+time; a class that no training label shows would train without error into a network that never predicts it.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ def intensity_problems(image: np.ndarray) -> list[str]:
     return problems
 
 
-def check_case(case: RawCase, declared_labels: set[int]) -> list[str]:
-    """Readability, geometry, intensity and label-value problems of one case (layout problems are found earlier)."""
+def check_case(case: RawCase, declared_labels: set[int]) -> tuple[list[str], set[int] | None]:
+    """Readability, geometry, intensity and label-value problems of one case (layout problems are found earlier),
+    and the values its label holds (None where it has no readable integer label)."""
     problems = []
     reference_shape = reference_affine = None
     for path in case.images:
@@ -73,11 +75,11 @@ def check_case(case: RawCase, declared_labels: set[int]) -> list[str]:
                 "(resample them onto the first channel)"
             )
     if case.label is None:
-        return problems
+        return problems, None
     try:
         label, affine = load_volume(case.label)
     except Problem as problem:
-        return problems + [f"{case.case_id}: {problem}"]
+        return problems + [f"{case.case_id}: {problem}"], None
     if reference_shape is not None:
         if label.shape != reference_shape:
             problems.append(
@@ -94,14 +96,35 @@ def check_case(case: RawCase, declared_labels: set[int]) -> list[str]:
         problems.append(
             f"{case.case_id}: label {case.label.name} has non-integer or NaN values; labels must be integers"
         )
-    else:
-        undeclared = sorted(set(np.unique(label).astype(int).tolist()) - declared_labels)
-        if undeclared:
-            problems.append(
-                f"{case.case_id}: label values {undeclared} are not declared in dataset.json labels "
-                f"{sorted(declared_labels)}; fix the label file or declare the classes"
-            )
-    return problems
+        return problems, None
+    values = set(np.unique(label).astype(int).tolist())
+    undeclared = sorted(values - declared_labels)
+    if undeclared:
+        problems.append(
+            f"{case.case_id}: label values {undeclared} are not declared in dataset.json labels "
+            f"{sorted(declared_labels)}; fix the label file or declare the classes"
+        )
+    return problems, values
+
+
+def class_problems(labels: dict[str, int], training_values: set[int]) -> list[str]:
+    """Declared classes that no training label shows (``training_values``: the union of their values): the network
+    would learn never to predict them, and without any foreground it would learn nothing at all."""
+    classes = {name: value for name, value in labels.items() if value != 0}
+    named = ", ".join(f"{name!r} ({value})" for name, value in classes.items()) or "none besides background"
+    if not training_values - {0}:
+        return [
+            f"no training label holds any foreground: every voxel of labelsTr is background (0), so there is "
+            f"nothing to learn of the classes dataset.json declares ({named}); put the segmentations in labelsTr "
+            "(not empty masks), or add cases that show the classes"
+        ]
+    return [
+        f"class {name!r} (value {value}) is declared in dataset.json labels but occurs in no training label, so the "
+        "network would learn never to predict it; add training cases that show it, or remove it from labels "
+        "(renumbering the classes above it, in dataset.json and the label files)"
+        for name, value in classes.items()
+        if value not in training_values
+    ]
 
 
 def verify_dataset(dataset_dir: Path | str) -> list[RawCase]:
@@ -119,8 +142,17 @@ def verify_dataset(dataset_dir: Path | str) -> list[RawCase]:
     if (dataset_dir / "imagesTs").is_dir():
         test_cases, test_problems = find_cases(dataset_dir, meta, "Ts")
         problems += test_problems
-    for case in train_cases + test_cases:
-        problems += check_case(case, declared)
+    training_values: set[int] = set()
+    every_label_read = True
+    for case in train_cases:
+        case_problems, values = check_case(case, declared)
+        problems += case_problems
+        every_label_read &= values is not None
+        training_values |= values or set()
+    for case in test_cases:
+        problems += check_case(case, declared)[0]
+    if train_cases and every_label_read:  # an unreadable label is listed already; its classes are unknown
+        problems += class_problems(meta["labels"], training_values)
     if problems:
         raise Problem(f"dataset {dataset_dir} has {len(problems)} problem(s):\n{problem_list(problems)}")
     return train_cases
