@@ -240,3 +240,28 @@ def test_non_integer_prediction_is_rejected(dataset):
     nib.save(nib.Nifti1Image(probabilities, affine_for((0.8, 2.5, 1.0))), pred_dir / "case_a.nii.gz")
     with pytest.raises(ValueError, match="case case_a: prediction holds non-integer values"):
         evaluate.evaluate_folders(ref_dir, pred_dir)
+
+
+def set_dataset_labels(dataset_json: Path, labels: dict) -> None:
+    meta = json.loads(dataset_json.read_text())
+    dataset_json.write_text(json.dumps({**meta, "labels": labels}))
+
+
+def test_a_reference_value_the_dataset_json_does_not_declare_is_refused(dataset, capsys):
+    """Spleen (2) is in the references but not declared: it would be scored as background."""
+    ref_dir, pred_dir, dataset_json = dataset
+    set_dataset_labels(dataset_json, {"background": 0, "liver": 1})
+    assert evaluate.main(["--ref", str(ref_dir), "--pred", str(pred_dir), "--dataset-json", str(dataset_json)]) == 2
+    err = capsys.readouterr().err
+    assert f"reference {ref_dir / 'case_a.nii.gz'} holds label value(s) [2]" in err and "does not declare" in err, err
+    # --labels chooses the classes to score: the others are warned about and recorded, not refused
+    with pytest.warns(UserWarning, match=r"case_a: reference label\(s\) \[2\] are none of the scored classes"):
+        summary = evaluate.evaluate_folders(ref_dir, pred_dir, labels=[1])
+    assert summary["unscored_reference_labels"] == {"case_a": [2], "case_b": [2]}
+
+
+def test_a_class_named_background_at_another_value_is_refused(dataset):
+    ref_dir, pred_dir, dataset_json = dataset
+    set_dataset_labels(dataset_json, {"spleen": 0, "liver": 1, "background": 2})
+    with pytest.raises(ValueError, match=r"gives 'background' the value 2, but background is 0"):
+        evaluate.evaluate_folders(ref_dir, pred_dir, dataset_json=dataset_json)

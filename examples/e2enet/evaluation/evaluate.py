@@ -13,8 +13,10 @@ predicted label values outside the scored classes are warned about (``unscored_p
 
 Classes
     ``--dataset-json``: the nnU-Net v2 ``labels`` (name -> int, or name -> list of ints for a
-    region such as BraTS "whole tumor"; ``background`` = 0 is not scored). ``--labels``: those
-    values, named by their number. Neither: every non-zero value found in the references.
+    region such as BraTS "whole tumor"; ``background`` = 0 is not scored). A reference holding a value that
+    ``labels`` does not declare is refused: it belongs to another dataset, and its voxels would count as
+    background. ``--labels``: those values, named by their number, a chosen subset: reference values outside
+    it are warned about (``unscored_reference_labels``). Neither: every non-zero value found in the references.
 
 Metrics and empty classes
     Dice, NSD and HD95 per case and class, with the voxel spacing from the reference NIfTI header (mm), and
@@ -38,7 +40,8 @@ Summary (``evaluate_folders``; written by ``--json``, with ``null`` for undefine
     * ``mean``: {``dice``, ``nsd``, ``hd95``, ``counts`` {status: case/class pairs}}.
     * ``labels`` {name: value or [values]}, ``settings`` (folders, tolerance, percentile),
       ``missing_predictions`` and ``unmatched_predictions`` (case names), ``unscored_prediction_labels``
-      {case: predicted values outside the scored classes}.
+      {case: predicted values outside the scored classes}, ``unscored_reference_labels`` {case: such values of
+      the reference, with ``labels``}.
 
 In-process use (the demo and comparison scripts)::
 
@@ -102,6 +105,13 @@ def labels_from_dataset_json(path: Path | str) -> dict[str, int | list[int]]:
         raise Problem(f"{path}: cannot read dataset.json ({error}); pass the dataset's dataset.json") from error
     if not isinstance(meta.get("labels"), Mapping):
         raise Problem(f"{path}: no 'labels' mapping (name -> int); is this an nnU-Net v2 dataset.json?")
+    background = meta["labels"].get("background", 0)
+    if background != 0:
+        # Value 0 is background whatever its name: the class named background would be scored, the one at 0 not.
+        raise Problem(
+            f"{path}: labels gives 'background' the value {background!r}, but background is 0 (never scored): "
+            "give background the value 0 and renumber the classes, in dataset.json and the label files"
+        )
     if "ignore" in meta["labels"]:
         # nnU-Net masks ignore-label voxels out of every metric; surface metrics on partially
         # annotated masks are not defined here, so refuse rather than score them as background.
@@ -249,9 +259,23 @@ def evaluate_folders(
     classes = _scored_classes(labels, dataset_json, references)
 
     scored_values = {v for value in classes.values() for v in (value if isinstance(value, list) else [value])}
-    per_case, unscored = [], {}
+    per_case, unscored, unscored_reference = [], {}, {}
     for case, ref_path in references.items():
         ref_image, ref, pred = _read_case(case, ref_path, predictions.get(case))
+        undeclared = sorted(set(np.unique(ref).tolist()) - scored_values - {0})
+        if undeclared and dataset_json is not None:
+            raise Problem(
+                f"case {case}: reference {ref_path} holds label value(s) {undeclared}, which {dataset_json} does not "
+                f"declare (its classes: {classes}), so they would be scored as background; pass the dataset.json of "
+                "these references, or fix the reference"
+            )
+        if undeclared:
+            unscored_reference[case] = undeclared
+            warnings.warn(
+                f"{case}: reference label(s) {undeclared} are none of the scored classes {sorted(scored_values)} and "
+                "are not scored; give every class to score them (--labels, --dataset-json)",
+                stacklevel=2,
+            )
         extra = sorted(set(np.unique(pred).tolist()) - scored_values - {0})
         if extra:
             unscored[case] = extra
@@ -291,6 +315,7 @@ def evaluate_folders(
         "missing_predictions": missing,
         "unmatched_predictions": unmatched,
         "unscored_prediction_labels": unscored,
+        "unscored_reference_labels": unscored_reference,
     }
 
 
