@@ -3,13 +3,16 @@ masks, the empty-class rules, folder evaluation through NIfTI files, and bad-inp
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from e2enet import atomic
 from e2enet.evaluation import evaluate
 
 SHAPE = (24, 24, 24)
@@ -265,3 +268,34 @@ def test_a_class_named_background_at_another_value_is_refused(dataset):
     set_dataset_labels(dataset_json, {"spleen": 0, "liver": 1, "background": 2})
     with pytest.raises(ValueError, match=r"gives 'background' the value 2, but background is 0"):
         evaluate.evaluate_folders(ref_dir, pred_dir, dataset_json=dataset_json)
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        ("read-only", "error: cannot access {summary} (Permission denied); give this user the permission"),
+        ("full-disk", "error: cannot write {summary} (No space left on device); free space on that disk"),
+    ],
+)
+def test_a_summary_that_cannot_be_written_is_one_line_and_leaves_no_file(
+    dataset, monkeypatch, capsys, failure, message
+):
+    ref_dir, pred_dir, dataset_json = dataset
+    summary = ref_dir.parent / "out" / "summary.json"
+    if failure == "read-only":
+
+        def refused(path, mode):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        monkeypatch.setattr(atomic, "open", refused, raising=False)  # the temporary file of the atomic write
+    else:
+
+        def full(descriptor):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "fsync", full)
+    argv = ["--ref", str(ref_dir), "--pred", str(pred_dir), "--dataset-json", str(dataset_json), "--json", str(summary)]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.format(summary=summary)) and err.count("\n") == 1, err
+    assert list(summary.parent.iterdir()) == []  # neither the summary nor its temporary file

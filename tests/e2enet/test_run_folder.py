@@ -5,6 +5,7 @@ One tiny trained run (the MNI dataset at 6 mm, one epoch of two iterations), cop
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,10 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from e2enet.dataset import mni as prepare_mni
 from e2enet.problems import Problem
-from e2enet.training import run_folder, train
+from e2enet.training import checkpoint, run_folder, train
 
 
 def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
@@ -135,3 +137,40 @@ def test_the_lock_is_held_while_training_and_released_on_every_way_out(mni, run_
     monkeypatch.undo()
     train.main(train_args(mni, run_copy, "--overwrite"))
     assert not lock.exists()
+
+
+# --------------------------------------------------------------------------- a folder that cannot be written
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_naming_it(mni, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "read_only" / "run"
+    real_mkdir = Path.mkdir
+
+    def read_only(folder, *args, **kwargs):
+        if out in (folder, *folder.parents):
+            raise PermissionError(errno.EACCES, "Permission denied", str(folder))
+        return real_mkdir(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    status, err = exit_status(train_args(mni, out), capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"error: cannot access {out / 'fold_0'} (Permission denied)" in err and "or use another folder" in err, err
+
+
+def test_a_full_disk_at_the_final_checkpoint_leaves_no_final_checkpoint_and_says_so(mni, run_copy, monkeypatch, capsys):
+    """checkpoint_final.pth is what predict.py reads: a half-written one must not be left to look finished."""
+    fold = run_copy / "fold_0"
+    real_save = torch.save
+
+    def full_disk_at_the_end(state, f, *args, **kwargs):
+        if "checkpoint_final" not in f.name:
+            return real_save(state, f, *args, **kwargs)
+        f.write(b"PK\x03\x04 the first bytes of the checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_at_the_end)
+    status, err = exit_status(train_args(mni, run_copy, "--overwrite"), capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"error: cannot write {fold / 'checkpoint_final.pth'} (No space left on device); free space" in err, err
+    assert sorted(p.name for p in fold.iterdir()) == ["checkpoint_latest.pth", "log.csv", "progress.png"]
+    assert checkpoint.load_checkpoint(fold / "checkpoint_latest.pth")["epoch"] == 0  # complete: --resume goes on

@@ -31,7 +31,7 @@ Means
     non-null values. Overall (``mean``, the foreground mean): the mean of the per-class means, as
     nnU-Net's ``foreground_mean``, so each class weighs the same however often it is empty.
 
-Summary (``evaluate_folders``; written by ``--json``, with ``null`` for undefined values)
+Summary (``evaluate_folders``; written atomically by ``--json``, with ``null`` for undefined values)
     * ``per_case``: one entry per reference: ``case``, ``reference``, ``prediction``,
       ``missing_prediction``, ``shape``, ``spacing`` (mm), ``classes`` {name: {``dice``, ``nsd``,
       ``hd95``, ``status``, ``ref_voxels``, ``pred_voxels``}} and ``mean`` {metric: value}.
@@ -77,7 +77,7 @@ from e2enet.evaluation.metrics import (
     mean_of,
     normalise_labels,
 )
-from e2enet.problems import Problem, report_problem
+from e2enet.problems import Problem, report_problem, unwritable_as_problem
 
 __all__ = [
     "FILE_ENDING",
@@ -396,9 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {warning.message}", file=sys.stderr)
     print(format_table(summary))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        # allow_nan=False: undefined values are null by construction; a NaN here would be a bug.
-        with atomic_write(args.json) as f:
-            f.write((json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+        try:
+            with unwritable_as_problem():  # a read-only folder, a full disk: atomic, so no half-written summary
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                # allow_nan=False: undefined values are null by construction; a NaN here would be a bug.
+                with atomic_write(args.json) as f:
+                    f.write((json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
+        except Problem as problem:
+            return report_problem(problem)
         print(f"\nwrote {args.json}")
     return 0

@@ -32,7 +32,8 @@ already holds a run is continued with ``--resume`` or replaced with ``--overwrit
 (run_folder.py) come before anything in RUN_DIR is written, so a refused run leaves it as it was. While it runs, a
 training holds ``RUN_DIR/fold_F/train.lock`` (its process id, host and start time): a second training into the same
 fold is refused, ``--overwrite`` included, and the lock of a training killed on the same host is taken over. A
-problem with the data or the run folder is one ``error: ...`` line and exit status 2.
+problem with the data or the run folder, a read-only folder and a full disk included, is one ``error: ...`` line and
+exit status 2.
 """
 
 from __future__ import annotations

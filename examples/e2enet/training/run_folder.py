@@ -21,7 +21,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from e2enet.atomic import write_json
+from e2enet.atomic import error_about, write_json
 from e2enet.nets.registry import model_arguments
 from e2enet.preprocessing.planning import PLANS_FILE, Plans
 from e2enet.problems import Problem
@@ -205,7 +205,10 @@ def _create_lock(path: Path, holder: dict) -> bool:
     try:
         with os.fdopen(descriptor, "w") as f:
             f.write(json.dumps(holder) + "\n")
-    except BaseException:  # a full disk: leave no lock that names nobody
+    except OSError as error:  # a full disk: leave no lock that names nobody
+        path.unlink(missing_ok=True)
+        raise error_about(error, path) from error
+    except BaseException:
         path.unlink(missing_ok=True)
         raise
     return True
