@@ -2,7 +2,7 @@
 
 from . import compaction, distributed, distribution, growth, masks, nn, schedules, scorers, serialization
 from .accounting import count_flops, count_params
-from .compaction import CompactLayer, LayerCompaction, compact, compaction_plan
+from .compaction import CompactedTraining, CompactLayer, LayerCompaction, compact, compaction_plan
 from .protocol import Sparsity
 from .reports import LayerUpdate, UpdateReport
 from .serialization import load_sparse_state_dict, sparse_state_dict
@@ -19,6 +19,7 @@ __all__ = [
     "compaction_plan",
     "CompactLayer",
     "LayerCompaction",
+    "CompactedTraining",
     "sparse_state_dict",
     "load_sparse_state_dict",
     "compaction",

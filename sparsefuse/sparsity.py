@@ -12,11 +12,13 @@ weight decay can revive a dropped group.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .distributed import unwrap_model, verify_ranks_agree
 from .distribution import Distribution, get_distribution
@@ -137,6 +139,8 @@ class DynamicSparsity:
         self._optimizer_steps = OptimizerSteps(optimizer)
         self.history: list[UpdateReport] = []
         self._step = 0
+        # An OrderedDict, not a dict: RemovableHandle keeps a weak reference to it.
+        self._load_state_dict_pre_hooks: OrderedDict[int, Callable[[DynamicSparsity, Mapping], None]] = OrderedDict()
 
         found = resolve_targets(self.model, targets)
         check_in_optimizer(found, optimizer)
@@ -394,6 +398,21 @@ class DynamicSparsity:
             "last_scale": self._last_scale,
         }
 
+    def register_load_state_dict_pre_hook(self, hook: Callable[[DynamicSparsity, Mapping], None]) -> RemovableHandle:
+        """Call ``hook(sparsity, state)`` in every [`load_state_dict`][sparsefuse.DynamicSparsity.load_state_dict],
+        once ``state`` is checked and before anything is loaded, as torch's optimizers and modules do: for code that
+        keeps something built from the masks, such as [`CompactedTraining`][sparsefuse.compaction.CompactedTraining].
+
+        Args:
+            hook: called with this sparsifier and the state dict being loaded.
+
+        Returns:
+            A handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._load_state_dict_pre_hooks)
+        self._load_state_dict_pre_hooks[handle.id] = hook
+        return handle
+
     def load_state_dict(self, state: Mapping) -> None:
         """Restore a [`state_dict`][sparsefuse.DynamicSparsity.state_dict]; re-zeroes inactive weights and optimizer
         state under the loaded masks.
@@ -424,6 +443,8 @@ class DynamicSparsity:
                     f"model's weight needs {t.groups_shape} ({t.granularity!r}); the state dict comes "
                     f"from a different model or granularity"
                 )
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(self, state)
         for name, mask in masks.items():
             t = self._by_name[name]
             t.set_mask(mask)

@@ -11,9 +11,23 @@ input and output shapes, so it drops into any model.
 Any granularity works; ``"input_channel"`` ([`InputChannel`][sparsefuse.masks.InputChannel]) and ``"channel"``
 make whole channels dead by construction, while with ``"kernel"`` or ``"element"`` masks an input channel is dead
 only if every filter's kernel (every weight) for it is inactive.
+
+[`CompactedTraining`][sparsefuse.compaction.CompactedTraining] does the same during training: between two topology
+updates it trains the compacted layers, whose smaller weights are Parameters, and puts everything back into the
+masked model at each update and for every checkpoint.
 """
 
 from .modules import CompactLayer, compact
 from .plan import MIN_DEAD_INPUTS, MIN_DEAD_OUTPUTS, LayerCompaction, compaction_plan
+from .training import CompactedTraining, TrainableCompactLayer
 
-__all__ = ["compact", "compaction_plan", "CompactLayer", "LayerCompaction", "MIN_DEAD_INPUTS", "MIN_DEAD_OUTPUTS"]
+__all__ = [
+    "compact",
+    "compaction_plan",
+    "CompactLayer",
+    "LayerCompaction",
+    "CompactedTraining",
+    "TrainableCompactLayer",
+    "MIN_DEAD_INPUTS",
+    "MIN_DEAD_OUTPUTS",
+]

@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from ..distributed import unwrap_model
 from ..nn.shift import DepthShiftConv3d
@@ -71,8 +72,10 @@ class CompactLayer(nn.Module):
         if self.shift_plan is not None:
             x = _shift_runs(x, self.shift_plan, self.shift_dim)
         y = self.layer(x, *args, **kwargs)
-        if self.out_index is None:
-            return y
+        return y if self.out_index is None else self._full_width(y)
+
+    def _full_width(self, y: Tensor) -> Tensor:
+        """The computed channels ``y`` scattered into the full output width."""
         shape = list(y.shape)
         shape[self.channel_dim] = self.out_fill.shape[0]
         fill = self.out_fill.to(y.dtype).reshape(-1, *([1] * (-self.channel_dim - 1)))
@@ -107,57 +110,100 @@ def _channels(selection: Tensor, width: int) -> Tensor:
     return (selection + torch.arange(groups)[:, None] * (width // groups)).reshape(-1)
 
 
-@torch.no_grad()
-def _build(module: nn.Module, in_sel: Tensor, out_sel: Tensor) -> CompactLayer:
-    """The CompactLayer for ``module``, whose weight is already masked."""
-    kind = layer_kind(module)
-    weight = module.weight.detach()
-    c_in, c_out, groups = layer_widths(module, weight)
-    transposed = kind in CONV_TRANSPOSES
-    device = weight.device
-    # Weight as (groups, dim0 per group, dim1, *k); pick each group's kept dim0 rows and kept dim1 columns.
-    rows, cols = (in_sel, out_sel) if transposed else (out_sel, in_sel)
-    per_group = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
-    picked = per_group[
-        torch.arange(groups, device=device)[:, None, None], rows.to(device)[:, :, None], cols.to(device)[:, None, :]
-    ]
+class WeightBlock:
+    """Where a compacted layer's weight lies inside the full weight: the rows and columns (dim 0 and dim 1) kept in
+    each group, as advanced indices into the full weight viewed as (groups, dim0 per group, dim1, *k).
 
-    has_bias = module.bias is not None
-    factory = dict(device=device, dtype=weight.dtype)
-    if kind is nn.Linear:
-        layer = nn.Linear(in_sel.numel(), out_sel.numel(), bias=has_bias, **factory)
-        channel_dim = -1
-    else:
+    ``gather`` reads the block of any weight-shaped tensor (the weight, its mask, its optimizer state) and
+    ``scatter`` writes one back in place, through a view, whatever the tensor's memory format.
+    """
+
+    def __init__(self, kind: type, groups: int, in_sel: Tensor, out_sel: Tensor, device: torch.device):
+        rows, cols = (in_sel, out_sel) if kind in CONV_TRANSPOSES else (out_sel, in_sel)
+        self.groups = groups
+        self.index = (
+            torch.arange(groups, device=device)[:, None, None],
+            rows.to(device)[:, :, None],
+            cols.to(device)[:, None, :],
+        )
+
+    def gather(self, full: Tensor) -> Tensor:
+        return full.unflatten(0, (self.groups, -1))[self.index].flatten(0, 1)
+
+    def scatter(self, block: Tensor, into: Tensor) -> None:
+        into.unflatten(0, (self.groups, -1))[self.index] = block.unflatten(0, (self.groups, -1))
+
+
+class LayerCut:
+    """One layer cut down to the channels its plan keeps: the weight block, the channel indices and the pieces of
+    the smaller layer, shared by the inference and the training compaction.
+
+    Attributes:
+        module: the full layer.
+        kind: the torch layer class whose forward the layer runs.
+        kept_in: input channels the smaller layer reads.
+        kept_out: output channels the smaller layer computes.
+        block: where the kept weights lie in the full weight.
+        in_index: (kept_in,) input channels read, or None when all are.
+        out_index: (kept_out,) output channels computed, or None when all are.
+        out_channels: the layer's full output width.
+        channel_dim: the channel dim counted from the end.
+        shift_plan: runs of gathered channels and their depth shift for a DepthShiftConv3d, else None.
+        shift_dim: the axis of that shift.
+    """
+
+    def __init__(self, module: nn.Module, in_sel: Tensor, out_sel: Tensor):
+        self.module, self.kind = module, layer_kind(module)
+        weight = module.weight
+        c_in, self.out_channels, groups = layer_widths(module, weight)
+        self.kept_in, self.kept_out = in_sel.numel(), out_sel.numel()
+        self.block = WeightBlock(self.kind, groups, in_sel, out_sel, weight.device)
+        kept_in, kept_out = _channels(in_sel, c_in), _channels(out_sel, self.out_channels)
+        self.in_index = kept_in.to(weight.device) if len(kept_in) < c_in else None
+        self.out_index = kept_out.to(weight.device) if len(kept_out) < self.out_channels else None
+        self.channel_dim = -1 if self.kind is nn.Linear else -(len(module.kernel_size) + 1)
+        self.shift_plan, self.shift_dim = None, 2
+        if self.kind is DepthShiftConv3d:
+            self.shift_plan = _gathered_shift_plan(kept_in, c_in, module.shift_groups)
+            self.shift_dim = module.shift_dim
+
+    def smaller_layer(self, bias: bool) -> nn.Module:
+        """The layer with the kept widths, its values left uninitialised: the caller fills them, and the global
+        RNG, which an initialisation would draw from, is left alone."""
+        module, weight = self.module, self.module.weight
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        if self.kind is nn.Linear:
+            return skip_init(nn.Linear, self.kept_in, self.kept_out, bias=bias, **factory)
         options = dict(
             stride=module.stride,
             padding=module.padding,
             dilation=module.dilation,
-            groups=groups,
-            bias=has_bias,
+            groups=self.block.groups,
+            bias=bias,
             padding_mode=module.padding_mode,
             **factory,
         )
-        if transposed:
+        if self.kind in CONV_TRANSPOSES:
             options["output_padding"] = module.output_padding
-        base = nn.Conv3d if kind is DepthShiftConv3d else kind  # the shift runs in CompactLayer, on kept channels
-        layer = base(in_sel.numel(), out_sel.numel(), module.kernel_size, **options)
-        channel_dim = -(len(module.kernel_size) + 1)
-    layer.weight.copy_(picked.reshape(-1, *picked.shape[2:]))
-    layer.weight.requires_grad_(module.weight.requires_grad)
+        base = nn.Conv3d if self.kind is DepthShiftConv3d else self.kind  # the shift runs on the kept channels
+        return skip_init(base, self.kept_in, self.kept_out, module.kernel_size, **options)
 
-    kept_in, kept_out = _channels(in_sel, c_in), _channels(out_sel, c_out)
-    in_index = kept_in.to(device) if len(kept_in) < c_in else None
-    out_index = kept_out.to(device) if len(kept_out) < c_out else None
-    if has_bias:
-        layer.bias.copy_(module.bias if out_index is None else module.bias[out_index])
-        layer.bias.requires_grad_(module.bias.requires_grad)
+
+@torch.no_grad()
+def _build(module: nn.Module, in_sel: Tensor, out_sel: Tensor) -> CompactLayer:
+    """The CompactLayer for ``module``, whose weight is already masked."""
+    cut = LayerCut(module, in_sel, out_sel)
+    has_bias = module.bias is not None
+    layer = cut.smaller_layer(bias=has_bias)
+    layer.weight.copy_(cut.block.gather(module.weight))
+    layer.weight.requires_grad_(module.weight.requires_grad)
     out_fill = None
-    if out_index is not None:
-        out_fill = module.bias.detach().clone() if has_bias else torch.zeros(c_out, **factory)
-    shift_plan, shift_dim = None, 2
-    if kind is DepthShiftConv3d:
-        shift_plan, shift_dim = _gathered_shift_plan(kept_in, c_in, module.shift_groups), module.shift_dim
-    return CompactLayer(layer, channel_dim, in_index, out_index, out_fill, shift_plan, shift_dim)
+    if has_bias:
+        layer.bias.copy_(module.bias if cut.out_index is None else module.bias[cut.out_index])
+        layer.bias.requires_grad_(module.bias.requires_grad)
+    if cut.out_index is not None:
+        out_fill = module.bias.detach().clone() if has_bias else module.weight.new_zeros(cut.out_channels)
+    return CompactLayer(layer, cut.channel_dim, cut.in_index, cut.out_index, out_fill, cut.shift_plan, cut.shift_dim)
 
 
 def _gathered_shift_plan(kept: Tensor, channels: int, shift_groups: int) -> tuple[tuple[int, int, int], ...]:
