@@ -224,6 +224,7 @@ def test_plans_file_format_and_preprocessing_hash_are_stable(tmp_path):
         "channel_names": {"0": "CT", "1": "T2"},
         "labels": {"background": 0, "organ": 1},
         "num_classes": 2,
+        "orientation": "RAS",
         "target_spacing": [1.0, 1.25, 2.5],
         "median_shape": [12.0, 10.0, 6.0],
         "network_stride": [4, 4, 4],
@@ -243,6 +244,7 @@ def test_plans_file_format_and_preprocessing_hash_are_stable(tmp_path):
         "fingerprint": {
             "case_ids": ["a", "b"],
             "spacings": [[1.0, 1.25, 2.5], [1.0, 1.25, 2.5]],
+            "orientations": ["RAS", "RAS"],
             "shapes_before_crop": [[12, 10, 6], [12, 10, 6]],
             "shapes_after_crop": [[12, 10, 6], [12, 10, 6]],
             "median_relative_size_after_cropping": 1.0,

@@ -3,10 +3,11 @@
     python examples/e2enet/predict.py --model RUN_DIR --input FOLDER --output FOLDER [--folds 0 1 2 3 4] [--tta]
         [--save-probabilities] [--overwrite] [--checkpoint final|latest]
 
-Input files follow the nnU-Net naming ``{case}_{XXXX}.nii.gz`` (one file per channel). Each case is preprocessed
-with the run's plans (crop, normalise, resample), predicted with a sliding window (window = training patch,
-50% overlap, Gaussian weighting with sigma = patch / 8, MONAI), optionally averaged over the 8 mirrorings, softmax
-averaged over the folds, resampled back and written as ``{case}.nii.gz`` with the input's affine and shape.
+Input files follow the nnU-Net naming ``{case}_{XXXX}.nii.gz`` (one file per channel). Each case is reoriented to
+the orientation of the training data (``plans.json``), preprocessed with the run's plans (crop, normalise,
+resample), predicted with a sliding window (window = training patch, 50% overlap, Gaussian weighting with sigma =
+patch / 8, MONAI), optionally averaged over the 8 mirrorings, softmax averaged over the folds, resampled and
+reoriented back and written as ``{case}.nii.gz`` with the input's affine and shape.
 
 Every fold's checkpoint is checked against the run (network, classes, channels, preprocessing, patch) before
 anything is predicted. Outputs are written atomically, and ``FOLDER/predict_manifest.json`` records what made them
@@ -291,6 +292,13 @@ def main(argv=None) -> list[Path]:
         if reason:
             tqdm.write(f"{case}: predicting again, {reason}")
         data, _, _, properties = preprocess_case(files, None, plans, case_id=case)
+        orientation = properties["original_orientation"]
+        reoriented_from = orientation if orientation != plans.orientation else None
+        if reoriented_from:
+            tqdm.write(
+                f"{case}: stored in {orientation} orientation; predicted in the training data's {plans.orientation} "
+                f"and written back in {orientation}"
+            )
         probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans.patch_size, mirror_axes)
         probs = revert_preprocessing(probs.cpu().numpy(), properties, is_label=False)
         segmentation = probs.argmax(0).astype(np.uint8)
@@ -305,6 +313,7 @@ def main(argv=None) -> list[Path]:
             "inputs": inputs,
             "segmentation": file_sha256(target),
             "probabilities": probabilities,
+            "reoriented_from": reoriented_from,
         }
         write_json(args.output / MANIFEST_FILE, manifest)  # after the files: a case is recorded once it is whole
         written.append(target)

@@ -1,8 +1,10 @@
 """Dataset fingerprint and experiment plans (nnU-Net v2's ``plan``), cross-validation splits, and the whole pipeline.
 
-1. :func:`extract_fingerprint`: spacings, shapes after cropping to the non-zero region, and foreground intensity
-   statistics per channel (mean, std, 0.5/99.5 percentiles) from up to 10,000 sampled foreground voxels per case.
-2. :func:`plan_experiment`: target spacing = median spacing; normalisation by channel name (``CT``:
+1. :func:`extract_fingerprint`: spacings, orientations (nibabel axis codes), shapes after cropping to the non-zero
+   region, and foreground intensity statistics per channel (mean, std, 0.5/99.5 percentiles) from up to 10,000
+   sampled foreground voxels per case.
+2. :func:`plan_experiment`: orientation = the one the training cases share (cases stored in several are refused);
+   target spacing = median spacing; normalisation by channel name (``CT``:
    :class:`~preprocess.CTNormalization` with the dataset's foreground statistics; anything else:
    :class:`~preprocess.ZScoreNormalization`, inside the non-zero mask when cropping removed more than a quarter of
    the median image); patch = median shape rounded up to the network's total stride, shrunk one stride at a
@@ -34,6 +36,7 @@ import numpy as np
 from e2enet.atomic import write_json
 from e2enet.dataset.layout import RawCase, find_valid_cases, load_raw_case, read_dataset_json
 from e2enet.dataset.verify import verify_dataset
+from e2enet.preprocessing.geometry import orientation_codes
 from e2enet.preprocessing.preprocess import (
     PREPROCESSING_VERSION,
     CTNormalization,
@@ -66,6 +69,7 @@ class Fingerprint:
 
     case_ids: list[str]
     spacings: list[list[float]]
+    orientations: list[str]  # nibabel axis codes of each case's array, e.g. "RAS"
     shapes_before_crop: list[list[int]]
     shapes_after_crop: list[list[int]]
     median_relative_size_after_cropping: float
@@ -95,12 +99,13 @@ def extract_fingerprint(dataset_dir: Path | str, cases: Sequence[RawCase] | None
     rng = np.random.default_rng(FINGERPRINT_SEED)
     num_channels = len(meta["channel_names"])
     samples: list[list[np.ndarray]] = [[] for _ in range(num_channels)]
-    spacings, shapes, shapes_after_crop, relative_sizes = [], [], [], []
+    spacings, orientations, shapes, shapes_after_crop, relative_sizes = [], [], [], [], []
     for case in cases:
         data, label, affine = load_raw_case(case)
         bbox, _ = crop_to_nonzero(data)
         cropped, cropped_label = data[(slice(None), *bbox)], label[bbox]
         spacings.append(nib.affines.voxel_sizes(affine).tolist())
+        orientations.append(orientation_codes(affine, case.images[0]))
         shapes.append(list(data.shape[1:]))
         shapes_after_crop.append(list(cropped.shape[1:]))
         relative_sizes.append(cropped[0].size / data[0].size)
@@ -112,6 +117,7 @@ def extract_fingerprint(dataset_dir: Path | str, cases: Sequence[RawCase] | None
     return Fingerprint(
         case_ids=[case.case_id for case in cases],
         spacings=spacings,
+        orientations=orientations,
         shapes_before_crop=shapes,
         shapes_after_crop=shapes_after_crop,
         median_relative_size_after_cropping=float(np.median(relative_sizes)),
@@ -132,6 +138,8 @@ class Plans:
     channel_names: dict[str, str]  # channel index (str) -> name, as in dataset.json
     labels: dict[str, int]  # class name -> value, as in dataset.json
     num_classes: int
+    # Axis codes of the training arrays: predict.py reorients every input to them, and its output back.
+    orientation: str
     target_spacing: list[float]  # mm per axis
     median_shape: list[float]  # voxels after cropping and resampling
     network_stride: list[int]
@@ -230,6 +238,28 @@ def check_patch_size(
             )
 
 
+def training_orientation(fingerprint: Fingerprint) -> str:
+    """The orientation every training case is stored in; a Problem naming the cases of each if they differ.
+
+    Cases in several orientations would show the network one anatomy in several array frames (left and right
+    swapped, or axes exchanged, with their spacings), and leave no frame to reorient test images to.
+    """
+    cases_by_orientation: dict[str, list[str]] = {}
+    for case_id, codes in zip(fingerprint.case_ids, fingerprint.orientations, strict=True):
+        cases_by_orientation.setdefault(codes, []).append(case_id)
+    if len(cases_by_orientation) > 1:
+        listing = "; ".join(
+            f"{codes} for {', '.join(cases[:3])}{f' and {len(cases) - 3} more' if len(cases) > 3 else ''}"
+            for codes, cases in sorted(cases_by_orientation.items(), key=lambda item: -len(item[1]))
+        )
+        raise Problem(
+            f"the training cases are stored in {len(cases_by_orientation)} orientations (nibabel axis codes: "
+            f"{listing}), so the network would see one anatomy in several array frames; reorient them to one, "
+            "e.g. RAS with nibabel.as_closest_canonical, and plan again"
+        )
+    return next(iter(cases_by_orientation))
+
+
 def _plan_normalization(index: str, channel: str, fingerprint: Fingerprint) -> Normalization:
     if channel.upper() == "CT":
         stats = fingerprint.foreground_intensity_properties_per_channel[str(index)]
@@ -292,6 +322,7 @@ def plan_experiment(
         channel_names=meta["channel_names"],
         labels=meta["labels"],
         num_classes=len(meta["labels"]),
+        orientation=training_orientation(fingerprint),
         target_spacing=target_spacing.tolist(),
         median_shape=median_shape.tolist(),
         network_stride=stride,

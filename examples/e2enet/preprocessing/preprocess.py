@@ -1,5 +1,8 @@
 """Preprocessing as nnU-Net v2 orders it: crop to the non-zero region, normalise, resample; and its cache.
 
+A case stored in another orientation than the training data (``Plans.orientation``) is first reoriented to it, and
+:func:`revert_preprocessing` brings a prediction back to the case's own orientation and grid.
+
 Normalisation has one class per scheme, chosen per channel by the plans (``CT``: dataset-wide clip and z-score;
 anything else: per-image z-score, inside the non-zero mask when cropping removed much of the image). Resampling
 is MONAI ``Spacing``: bilinear for images (nnU-Net: cubic spline), nearest for labels.
@@ -27,6 +30,7 @@ from scipy import ndimage
 
 from e2enet.atomic import atomic_write, write_json
 from e2enet.dataset.layout import RawCase, find_valid_cases, load_raw_case, read_dataset_json
+from e2enet.preprocessing.geometry import orientation_codes, reorient, reoriented_affine
 from e2enet.problems import Problem
 
 if TYPE_CHECKING:
@@ -166,17 +170,25 @@ def check_normalized(image: np.ndarray, span: tuple[float, float], what: str, no
 def preprocess_case(
     image_files: Sequence[Path], label_file: Path | None, plans: Plans, case_id: str = ""
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, dict]:
-    """Crop, normalise and resample one case as the plans say (nnU-Net v2's order).
+    """Reorient to the training data's orientation, then crop, normalise and resample one case as the plans say
+    (nnU-Net v2's order).
 
     Returns ``(data float32 (C, X, Y, Z), seg int8 (X, Y, Z) or None, non-zero mask bool (X, Y, Z),
     properties)``. ``properties`` holds what :func:`revert_preprocessing` needs to map a
-    prediction back onto the original grid. Used for training cases and, without a label, for
-    inference inputs.
+    prediction back onto the original grid. Used for training cases (already in that orientation: planning
+    refuses others) and, without a label, for inference inputs.
     """
     label_path = Path(label_file) if label_file else None
     case = RawCase(case_id or Path(image_files[0]).name, tuple(Path(p) for p in image_files), label_path)
-    data, label, affine = load_raw_case(case)
-    original_shape = data.shape[1:]
+    data, label, original_affine = load_raw_case(case)
+    original_shape, original_orientation = data.shape[1:], orientation_codes(original_affine, case.images[0])
+    affine = original_affine
+    if original_orientation != plans.orientation:
+        turn = (original_orientation, plans.orientation)
+        affine = reoriented_affine(original_affine, original_shape, *turn)
+        data = reorient(data, *turn)
+        label = reorient(label[None], *turn)[0] if label is not None else None
+    oriented_shape = data.shape[1:]
     bbox, mask = crop_to_nonzero(data)
     data = np.ascontiguousarray(data[(slice(None), *bbox)])
     label = label[bbox] if label is not None else None
@@ -212,7 +224,11 @@ def preprocess_case(
     properties = {
         "case_id": case.case_id,
         "original_shape": list(original_shape),
-        "original_affine": affine.tolist(),
+        "original_affine": original_affine.tolist(),
+        "original_orientation": original_orientation,
+        # The grid the crop, resampling and prediction lie on: the case in the training data's orientation.
+        "orientation": plans.orientation,
+        "oriented_shape": list(oriented_shape),
         "crop_bbox": [[s.start, s.stop] for s in bbox],
         "cropped_affine": crop_affine.tolist(),
         "resampled": resampled,
@@ -223,7 +239,7 @@ def preprocess_case(
 
 
 def revert_preprocessing(array: np.ndarray, properties: dict, is_label: bool = True) -> np.ndarray:
-    """Map a prediction on the preprocessed grid back to the original image grid.
+    """Map a prediction on the preprocessed grid back to the original image grid, in the image's own orientation.
 
     ``array`` is a label map (X, Y, Z) when ``is_label``, else class probabilities (C, X, Y, Z).
     Outside the crop the result is background (label 0, or probability 1 for class 0).
@@ -236,10 +252,11 @@ def revert_preprocessing(array: np.ndarray, properties: dict, is_label: bool = T
         resample = SpatialResample(mode="nearest" if is_label else "bilinear", padding_mode="border")
         target_affine = torch.tensor(properties["cropped_affine"])
         values = resample(source, dst_affine=target_affine, spatial_size=(x1 - x0, y1 - y0, z1 - z0)).numpy()
-    out = np.zeros((values.shape[0], *properties["original_shape"]), np.float32)
+    out = np.zeros((values.shape[0], *properties["oriented_shape"]), np.float32)
     if not is_label:
         out[0] = 1.0
     out[:, x0:x1, y0:y1, z0:z1] = values
+    out = reorient(out, properties["orientation"], properties["original_orientation"])
     return np.round(out[0]).astype(np.int16) if is_label else out
 
 

@@ -1,0 +1,111 @@
+"""Prediction is never silently wrong about where things are: an image in another orientation is segmented in the
+training data's frame and written back on its own grid, channels on different grids are refused, and the output
+folder is never the input's, nor left holding a file the manifest wrongly calls complete.
+
+Tiny data throughout: the MNI tasks at 5-6 mm and one-epoch runs of two iterations. Such a network segments badly,
+but not symmetrically: predicting an image in another frame than the training data's changes a quarter of its
+voxels, so agreement in world space shows the reorientation, not a blank prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from e2enet.dataset import mni as prepare_mni
+from e2enet.inference import predict
+from e2enet.preprocessing import planning
+from e2enet.training import train
+from tests.e2enet.raw_datasets import make_dataset
+from tests.e2enet.test_trust import predict_args, train_args
+
+CASE = "mni_test_000"
+
+# --------------------------------------------------------------------------- tiny trained runs
+
+
+@pytest.fixture(scope="module")
+def mni(tmp_path_factory) -> Path:
+    return prepare_mni.build_mni_dataset(tmp_path_factory.mktemp("raw"), num_train=5, num_test=2, spacing_mm=5.0)
+
+
+@pytest.fixture(scope="module")
+def run(mni, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train.main(train_args(mni, out))
+    return out
+
+
+def in_world(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A segmentation as (array, affine) in RAS: two segmentations of one place compare equal whatever their frames."""
+    image = nib.as_closest_canonical(nib.load(path))
+    return np.asanyarray(image.dataobj), image.affine
+
+
+def save_reoriented(source: Path, folder: Path, ornt: np.ndarray) -> nib.Nifti1Image:
+    """``source`` with its array axes permuted and flipped by ``ornt`` and its affine adjusted, every voxel in its
+    place in the world, saved under the same name in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = nib.load(source).as_reoriented(ornt)
+    nib.save(image, folder / source.name)
+    return image
+
+
+@pytest.fixture(scope="module")
+def reference(mni, run, tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
+    """The segmentation of the test case as stored (RAS, as the training data), in world space."""
+    images = tmp_path_factory.mktemp("reference_images")
+    shutil.copy(mni / "imagesTs" / f"{CASE}_0000.nii.gz", images)
+    [segmentation] = predict.main(predict_args(run, images, tmp_path_factory.mktemp("reference")))
+    return in_world(segmentation)
+
+
+# --------------------------------------------------------------------------- 1. orientation
+
+
+def test_the_training_orientation_is_recorded_and_several_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:6, 2:6, 3:5] = 1
+    cases = {f"case_{i}": ([rng.normal(100, 10, label.shape) + 50 * label], label) for i in range(3)}
+    dataset = make_dataset(tmp_path, {"0": "T1"}, {"background": 0, "lesion": 1}, cases)
+    plans, _ = planning.plan_and_preprocess(dataset, tmp_path / "pre", preprocess=False, network_stride=4)
+    assert plans.orientation == "RAS"
+    assert json.loads((tmp_path / "pre" / planning.PLANS_FILE).read_text())["orientation"] == "RAS"
+    for path in (dataset / "imagesTr" / "case_2_0000.nii.gz", dataset / "labelsTr" / "case_2.nii.gz"):
+        save_reoriented(path, path.parent, np.array([[0, -1], [1, 1], [2, 1]]))  # stored as LAS
+    with pytest.raises(ValueError, match=r"2 orientations \(nibabel axis codes: RAS for case_0, case_1; LAS for "):
+        planning.plan_and_preprocess(dataset, tmp_path / "pre", preprocess=False, network_stride=4)
+
+
+def test_an_image_in_another_orientation_is_segmented_in_the_training_frame(mni, run, reference, tmp_path, capsys):
+    source = mni / "imagesTs" / f"{CASE}_0000.nii.gz"
+    las = save_reoriented(source, tmp_path / "las", np.array([[0, -1], [1, 1], [2, 1]]))
+    assert nib.aff2axcodes(las.affine) == ("L", "A", "S")
+    capsys.readouterr()
+    [segmentation] = predict.main(predict_args(run, tmp_path / "las", tmp_path / "pred"))
+    written = nib.load(segmentation)
+    assert written.shape == las.shape and np.allclose(written.affine, las.affine)  # on the input's own grid
+    array, affine = in_world(segmentation)
+    assert np.allclose(affine, reference[1]) and np.array_equal(array, reference[0])  # the same segmentation
+    assert f"{CASE}: stored in LAS orientation; predicted in the training data's RAS" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "pred" / predict.MANIFEST_FILE).read_text())
+    assert manifest["cases"][CASE]["reoriented_from"] == "LAS"
+
+
+def test_an_affine_without_a_direction_is_named(tmp_path):
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:6, 2:6, 3:5] = 1
+    dataset = make_dataset(tmp_path, {"0": "T1"}, {"background": 0, "lesion": 1}, {"case_0": ([label + 1.0], label)})
+    for path in (dataset / "imagesTr" / "case_0_0000.nii.gz", dataset / "labelsTr" / "case_0.nii.gz"):
+        image = nib.load(path)
+        image.header.set_qform(None, code=0)
+        image.header.set_sform(np.diag([0, 1, 1, 1]), code=2)  # x points nowhere: a broken header
+        nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header), path)
+    with pytest.raises(ValueError, match=r"case_0_0000\.nii\.gz: its affine .* maps an array axis to no direction"):
+        planning.plan_and_preprocess(dataset, tmp_path / "pre", preprocess=False, network_stride=4)
