@@ -22,7 +22,7 @@ from e2enet.inference import predict
 from e2enet.preprocessing import planning
 from e2enet.training import train
 from tests.e2enet.raw_datasets import make_dataset
-from tests.e2enet.test_trust import predict_args, train_args
+from tests.e2enet.test_trust import exit_status, predict_args, train_args
 
 CASE = "mni_test_000"
 
@@ -109,3 +109,42 @@ def test_an_affine_without_a_direction_is_named(tmp_path):
         nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header), path)
     with pytest.raises(ValueError, match=r"case_0_0000\.nii\.gz: its affine .* maps an array axis to no direction"):
         planning.plan_and_preprocess(dataset, tmp_path / "pre", preprocess=False, network_stride=4)
+
+
+# --------------------------------------------------------------------------- 2. channels of one case
+
+
+@pytest.fixture(scope="module")
+def two_channel_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(a run on the two-channel lesions task, its test images)."""
+    root = tmp_path_factory.mktemp("lesions")
+    dataset = prepare_mni.build_mni_dataset(root, num_train=2, num_test=1, spacing_mm=6.0, task="lesions")
+    out = root / "run"
+    train.main(train_args(dataset, out, "--fold", "all"))
+    return out, dataset / "imagesTs"
+
+
+def shifted_and_scaled(path: Path) -> None:
+    image = nib.load(path)
+    affine = image.affine @ np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] += 25.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), affine), path)
+
+
+def one_slice_less(path: Path) -> None:
+    image = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[..., :-1], image.affine), path)
+
+
+@pytest.mark.parametrize("change", [shifted_and_scaled, one_slice_less], ids=["shifted-and-scaled", "other-shape"])
+def test_channels_of_a_case_on_different_grids_are_refused(two_channel_run, tmp_path, capsys, change):
+    run, test_images = two_channel_run
+    images = Path(shutil.copytree(test_images, tmp_path / "images"))
+    [second] = sorted(images.glob("*_0001.nii.gz"))
+    change(second)
+    status, err = exit_status(predict.main, predict_args(run, images, tmp_path / "pred"), capsys)
+    case = second.name.removesuffix("_0001.nii.gz")
+    assert status == 2 and "Traceback" not in err, err
+    assert f"case '{case}': {second.name} (shape" in err and f"is not on the grid of {case}_0000.nii.gz" in err, err
+    assert f"resample {second.name} onto channel 0" in err, err
+    assert not (tmp_path / "pred").exists()

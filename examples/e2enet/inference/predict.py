@@ -3,11 +3,11 @@
     python examples/e2enet/predict.py --model RUN_DIR --input FOLDER --output FOLDER [--folds 0 1 2 3 4] [--tta]
         [--save-probabilities] [--overwrite] [--checkpoint final|latest]
 
-Input files follow the nnU-Net naming ``{case}_{XXXX}.nii.gz`` (one file per channel). Each case is reoriented to
-the orientation of the training data (``plans.json``), preprocessed with the run's plans (crop, normalise,
-resample), predicted with a sliding window (window = training patch, 50% overlap, Gaussian weighting with sigma =
-patch / 8, MONAI), optionally averaged over the 8 mirrorings, softmax averaged over the folds, resampled and
-reoriented back and written as ``{case}.nii.gz`` with the input's affine and shape.
+Input files follow the nnU-Net naming ``{case}_{XXXX}.nii.gz`` (one file per channel, all on one grid). Each case is
+reoriented to the orientation of the training data (``plans.json``), preprocessed with the run's plans (crop,
+normalise, resample), predicted with a sliding window (window = training patch, 50% overlap, Gaussian weighting with
+sigma = patch / 8, MONAI), optionally averaged over the 8 mirrorings, softmax averaged over the folds, resampled
+and reoriented back and written as ``{case}.nii.gz`` with the input's affine and shape.
 
 Every fold's checkpoint is checked against the run (network, classes, channels, preprocessing, patch) before
 anything is predicted. Outputs are written atomically, and ``FOLDER/predict_manifest.json`` records what made them
@@ -32,7 +32,7 @@ from monai.inferers import sliding_window_inference
 from tqdm import tqdm
 
 from e2enet.atomic import atomic_write, write_json
-from e2enet.dataset.layout import CHANNEL_FILE, problem_list, save_nifti
+from e2enet.dataset.layout import CHANNEL_FILE, load_volume, problem_list, same_affine, save_nifti
 from e2enet.inference.compaction import compact_e2enet
 from e2enet.nets.registry import build_model, inference_memory_format
 from e2enet.preprocessing.geometry import to_network_layout
@@ -75,6 +75,35 @@ def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
                 f"{num_channels} channel(s) 0..{num_channels - 1}; add or remove {case}_XXXX files"
             )
     return {case: [channels[i] for i in range(num_channels)] for case, channels in cases.items()}
+
+
+def grid_of(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of one image, read whole and checked (``load_volume``)."""
+    image, affine = load_volume(path)
+    return image.shape, affine
+
+
+def describe_grid(path: Path, shape: tuple[int, ...], affine: np.ndarray) -> str:
+    voxel_size = nib.affines.voxel_sizes(affine).round(3).tolist()
+    return f"{path.name} (shape {shape}, voxel size {voxel_size} mm, origin {affine[:3, 3].round(2).tolist()} mm)"
+
+
+def check_channel_grids(cases: dict[str, list[Path]]) -> None:
+    """Refuse, before predicting any, a case whose channels lie on different grids: stacked as they are, voxels of
+    different places would be read as one (dataset/verify.py checks the same of training cases)."""
+    problems = []
+    for case, (first, *others) in cases.items():
+        reference = grid_of(first) if others else None
+        for path in others:
+            shape, affine = grid_of(path)
+            if shape != reference[0] or not same_affine(affine, reference[1]):
+                problems.append(
+                    f"case {case!r}: {describe_grid(path, shape, affine)} is not on the grid of "
+                    f"{describe_grid(first, *reference)}; resample {path.name} onto channel 0 (every channel of a "
+                    "case must share its shape and affine)"
+                )
+    if problems:
+        raise Problem(problems[0] if len(problems) == 1 else f"cannot predict these cases:\n{problem_list(problems)}")
 
 
 def folds_with_checkpoint(run_dir: Path, checkpoint: str) -> list[str]:
@@ -276,6 +305,7 @@ def main(argv=None) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, plans, config, paths = load_folds(args.model, args.folds, args.checkpoint, device, not args.no_compact)
     cases = find_input_cases(args.input, config["in_channels"])
+    check_channel_grids(cases)
     mirror_axes = tta_axes(config, args.tta)
     settings = prediction_settings(args.model, paths, args.checkpoint, mirror_axes)
     manifest = open_manifest(args.output, settings, cases, args.overwrite)
