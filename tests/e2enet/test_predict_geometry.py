@@ -22,7 +22,7 @@ from e2enet.inference import predict
 from e2enet.preprocessing import planning
 from e2enet.training import train
 from tests.e2enet.raw_datasets import make_dataset
-from tests.e2enet.test_trust import exit_status, predict_args, train_args
+from tests.e2enet.test_trust import exit_status, predict_args, snapshot, train_args
 
 CASE = "mni_test_000"
 
@@ -148,3 +148,30 @@ def test_channels_of_a_case_on_different_grids_are_refused(two_channel_run, tmp_
     assert f"case '{case}': {second.name} (shape" in err and f"is not on the grid of {case}_0000.nii.gz" in err, err
     assert f"resample {second.name} onto channel 0" in err, err
     assert not (tmp_path / "pred").exists()
+
+
+# --------------------------------------------------------------------------- 3. the output folder
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+def test_an_output_folder_of_input_images_is_refused(mni, run, tmp_path, capsys, overwrite):
+    images = Path(shutil.copytree(mni / "imagesTs", tmp_path / "images"))
+    (tmp_path / "link").symlink_to(images)
+    elsewhere = Path(shutil.copytree(images, tmp_path / "copy"))
+    extra = ["--overwrite"] if overwrite else []
+    for output, expected in [
+        (images, "is the --input folder"),
+        (tmp_path / "link", "is the --input folder"),
+        (elsewhere, f"holds 2 of the input images (e.g. {CASE}_0000.nii.gz)"),
+    ]:
+        before = snapshot(output)
+        status, err = exit_status(predict.main, predict_args(run, images, output, *extra), capsys)
+        assert status == 2 and expected in err and "pass a folder of their own" in err, err
+        assert snapshot(output) == before
+
+
+def test_an_output_that_is_a_file_is_refused(mni, run, tmp_path, capsys):
+    output = tmp_path / "predictions.nii.gz"
+    output.write_bytes(b"not a folder")
+    status, err = exit_status(predict.main, predict_args(run, mni / "imagesTs", output), capsys)
+    assert status == 2 and f"--output {output} is a file, not a folder" in err, err

@@ -14,7 +14,8 @@ anything is predicted. Outputs are written atomically, and ``FOLDER/predict_mani
 (checkpoint and plans hashes, folds, TTA) and, per case, the hashes of its inputs and outputs. A case counts as
 done only when its recorded output is there, intact, from the same inputs, model and settings (with
 ``--save-probabilities``: its probabilities too); otherwise it is predicted again and the reason printed. A folder
-holding predictions of other settings, or unrecorded ones, is refused unless ``--overwrite``.
+holding predictions of other settings, or unrecorded ones, is refused unless ``--overwrite``; the input folder, or
+one holding the input images, always.
 """
 
 from __future__ import annotations
@@ -75,6 +76,26 @@ def find_input_cases(folder: Path, num_channels: int) -> dict[str, list[Path]]:
                 f"{num_channels} channel(s) 0..{num_channels - 1}; add or remove {case}_XXXX files"
             )
     return {case: [channels[i] for i in range(num_channels)] for case, channels in cases.items()}
+
+
+def check_output_folder(output: Path, input_folder: Path, cases: dict[str, list[Path]]) -> None:
+    """Refuse, before anything is written and whatever --overwrite says, an --output that is a file or would mix
+    the segmentations and the manifest into a folder of images."""
+    if output.exists() and not output.is_dir():
+        raise Problem(f"--output {output} is a file, not a folder; pass a folder (predict.py creates it if missing)")
+    if not output.is_dir():
+        return
+    if output.samefile(input_folder):
+        raise Problem(
+            f"--output {output} is the --input folder, where the segmentations and {MANIFEST_FILE} would lie among "
+            "the images; pass a folder of their own"
+        )
+    held = [path.name for files in cases.values() for path in files if (output / path.name).exists()]
+    if held:
+        raise Problem(
+            f"--output {output} holds {len(held)} of the input images (e.g. {held[0]}), among which the "
+            f"segmentations and {MANIFEST_FILE} would lie; pass a folder of their own"
+        )
 
 
 def grid_of(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -305,6 +326,7 @@ def main(argv=None) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, plans, config, paths = load_folds(args.model, args.folds, args.checkpoint, device, not args.no_compact)
     cases = find_input_cases(args.input, config["in_channels"])
+    check_output_folder(args.output, args.input, cases)
     check_channel_grids(cases)
     mirror_axes = tta_axes(config, args.tta)
     settings = prediction_settings(args.model, paths, args.checkpoint, mirror_axes)
