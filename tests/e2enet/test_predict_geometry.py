@@ -9,7 +9,9 @@ voxels, so agreement in world space shows the reorientation, not a blank predict
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from e2enet.atomic import atomic_write
 from e2enet.dataset import mni as prepare_mni
 from e2enet.inference import predict
 from e2enet.preprocessing import planning
@@ -175,3 +178,65 @@ def test_an_output_that_is_a_file_is_refused(mni, run, tmp_path, capsys):
     output.write_bytes(b"not a folder")
     status, err = exit_status(predict.main, predict_args(run, mni / "imagesTs", output), capsys)
     assert status == 2 and f"--output {output} is a file, not a folder" in err, err
+
+
+# --------------------------------------------------------------------------- 4. failed writes
+
+
+def test_a_read_only_output_folder_is_one_line_naming_the_fix(mni, run, tmp_path, capsys, monkeypatch):
+    def refused(image, path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(predict, "save_nifti", refused)
+    output = tmp_path / "pred"
+    status, err = exit_status(predict.main, predict_args(run, mni / "imagesTs", output), capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert f"cannot write {output / CASE}.nii.gz (Permission denied); make {output} writable" in err, err
+    assert list(output.iterdir()) == []
+
+
+def disk_full(path: Path) -> None:
+    """What a full disk does to an atomic write: part of the file is written, then the write fails."""
+    with atomic_write(path) as f:
+        f.write(b"the first blocks")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("failing", ["segmentation", "probabilities", "manifest"])
+def test_a_full_disk_leaves_no_case_recorded_that_was_not_written(mni, run, tmp_path, capsys, monkeypatch, failing):
+    second, output = "mni_test_001", tmp_path / "pred"
+    target = {
+        "segmentation": output / f"{second}.nii.gz",
+        "probabilities": output / f"{second}.npz",
+        "manifest": output / predict.MANIFEST_FILE,
+    }[failing]
+    real_save_nifti, real_atomic_write, real_write_json = predict.save_nifti, predict.atomic_write, predict.write_json
+
+    def save_nifti(image, path):
+        if path == target:
+            disk_full(path)
+        real_save_nifti(image, path)
+
+    def write_npz(path):
+        if path == target:
+            disk_full(path)
+        return real_atomic_write(path)
+
+    def write_json(path, obj):
+        if path == target and (output / f"{second}.nii.gz").exists():  # the manifest that would record the second
+            disk_full(path)
+        real_write_json(path, obj)
+
+    monkeypatch.setattr(predict, "save_nifti", save_nifti)
+    monkeypatch.setattr(predict, "atomic_write", write_npz)
+    monkeypatch.setattr(predict, "write_json", write_json)
+    argv = predict_args(run, mni / "imagesTs", output, "--save-probabilities")
+    status, err = exit_status(predict.main, argv, capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert f"cannot write {target} (No space left on device); free space on that disk" in err, err
+    assert not list(output.glob(".*.tmp"))  # no half-written file left, under any name
+    assert failing != "segmentation" or not target.exists()
+    recorded = json.loads((output / predict.MANIFEST_FILE).read_text())["cases"]
+    assert list(recorded) == [CASE]
+    monkeypatch.undo()
+    assert predict.main(argv) == [output / f"{second}.nii.gz"]  # the unrecorded case is predicted again

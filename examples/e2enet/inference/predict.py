@@ -15,15 +15,19 @@ anything is predicted. Outputs are written atomically, and ``FOLDER/predict_mani
 done only when its recorded output is there, intact, from the same inputs, model and settings (with
 ``--save-probabilities``: its probabilities too); otherwise it is predicted again and the reason printed. A folder
 holding predictions of other settings, or unrecorded ones, is refused unless ``--overwrite``; the input folder, or
-one holding the input images, always.
+one holding the input images, always. A write that fails (a full disk, a read-only folder) stops with the path
+and the fix, leaving the manifest recording only the cases whose files were written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -297,6 +301,22 @@ def redo_reason(entry: dict | None, inputs: dict, target: Path, npz: Path, proba
     return None
 
 
+@contextlib.contextmanager
+def write_problems(path: Path) -> Iterator[None]:
+    """Inside: an OSError writing ``path`` (a full disk, a read-only folder) becomes a Problem naming it and the fix.
+    The writes are atomic, so the failed file is either absent or its earlier, complete version."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space on that disk or pass another --output, then run again (finished cases are kept)"
+        elif isinstance(error, PermissionError) or error.errno == errno.EROFS:
+            fix = f"make {path.parent} writable or pass another --output"
+        else:
+            fix = "check that folder or pass another --output"
+        raise Problem(f"cannot write {path} ({error.strerror or error}); {fix}") from error
+
+
 # ---------------------------------------------------------------------------------------------------- main
 @exit_on_problem()  # a problem with the run, the inputs or the output folder: one line, exit status 2
 def main(argv=None) -> list[Path]:
@@ -331,7 +351,8 @@ def main(argv=None) -> list[Path]:
     mirror_axes = tta_axes(config, args.tta)
     settings = prediction_settings(args.model, paths, args.checkpoint, mirror_axes)
     manifest = open_manifest(args.output, settings, cases, args.overwrite)
-    args.output.mkdir(parents=True, exist_ok=True)
+    with write_problems(args.output):
+        args.output.mkdir(parents=True, exist_ok=True)
     written = []
     print(f"predicting {len(cases)} case(s) with fold(s) {list(paths)}{describe_tta(config, args.tta, mirror_axes)}")
     for case, files in tqdm(cases.items(), disable=args.no_progress):
@@ -354,12 +375,14 @@ def main(argv=None) -> list[Path]:
         probs = predict_probabilities(models, torch.from_numpy(data)[None].to(device), plans.patch_size, mirror_axes)
         probs = revert_preprocessing(probs.cpu().numpy(), properties, is_label=False)
         segmentation = probs.argmax(0).astype(np.uint8)
-        save_nifti(nib.Nifti1Image(segmentation, np.asarray(properties["original_affine"])), target)
-        if args.save_probabilities:
-            with atomic_write(npz) as f:  # a file object also keeps numpy from appending ".npz"
-                np.savez_compressed(f, probabilities=probs.astype(np.float16))
-        else:
-            npz.unlink(missing_ok=True)  # probabilities of an earlier prediction of this case would no longer match
+        with write_problems(target):
+            save_nifti(nib.Nifti1Image(segmentation, np.asarray(properties["original_affine"])), target)
+        with write_problems(npz):
+            if args.save_probabilities:
+                with atomic_write(npz) as f:  # a file object also keeps numpy from appending ".npz"
+                    np.savez_compressed(f, probabilities=probs.astype(np.float16))
+            else:
+                npz.unlink(missing_ok=True)  # probabilities of an earlier prediction of this case would not match
         probabilities = file_sha256(npz) if args.save_probabilities else None
         manifest["cases"][case] = {
             "inputs": inputs,
@@ -367,7 +390,8 @@ def main(argv=None) -> list[Path]:
             "probabilities": probabilities,
             "reoriented_from": reoriented_from,
         }
-        write_json(args.output / MANIFEST_FILE, manifest)  # after the files: a case is recorded once it is whole
+        with write_problems(args.output / MANIFEST_FILE):  # after the files: a case is recorded once it is whole
+            write_json(args.output / MANIFEST_FILE, manifest)
         written.append(target)
     print(f"wrote {len(written)} segmentation(s) to {args.output} ({len(cases) - len(written)} already there)")
     return written
