@@ -13,11 +13,14 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from e2enet.atomic import atomic_write
 from e2enet.dataset import mni as prepare_mni
@@ -240,3 +243,18 @@ def test_a_full_disk_leaves_no_case_recorded_that_was_not_written(mni, run, tmp_
     assert list(recorded) == [CASE]
     monkeypatch.undo()
     assert predict.main(argv) == [output / f"{second}.nii.gz"]  # the unrecorded case is predicted again
+
+
+# --------------------------------------------------------------------------- 5. any axis order, any direction
+
+
+@settings(max_examples=6, deadline=None)
+@given(axes=st.permutations([0, 1, 2]), flips=st.tuples(st.booleans(), st.booleans(), st.booleans()))
+def test_any_axis_order_and_direction_gives_the_same_segmentation_in_world_space(mni, run, reference, axes, flips):
+    ornt = np.array([[axis, -1 if flip else 1] for axis, flip in zip(axes, flips, strict=True)])
+    with tempfile.TemporaryDirectory() as folder:
+        image = save_reoriented(mni / "imagesTs" / f"{CASE}_0000.nii.gz", Path(folder) / "images", ornt)
+        [segmentation] = predict.main(predict_args(run, Path(folder) / "images", Path(folder) / "pred"))
+        assert nib.load(segmentation).shape == image.shape
+        array, affine = in_world(segmentation)
+    assert np.allclose(affine, reference[1]) and np.array_equal(array, reference[0])
