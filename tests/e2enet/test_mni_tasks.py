@@ -98,9 +98,9 @@ def test_deep_structures_are_small_and_end_where_grey_matter_ends(deep_full_size
         img = nib.load(label_img)
         counts = np.bincount(np.asarray(img.dataobj).ravel(), minlength=7)[1:]
         sphere_voxels = sphere_mm3 / np.prod(img.header.get_zooms())
-        # A few hundred voxels each, and fewer than the sphere holds: the label stops where grey matter does.
+        # About a thousand voxels each, and fewer than the sphere holds: the label stops where grey matter does.
         assert np.all((counts > 200) & (counts < 0.95 * sphere_voxels)), counts
-        assert counts.sum() < 0.02 * np.prod(img.shape)
+        assert counts.sum() < 0.03 * np.prod(img.shape)
 
 
 def test_deep_structure_centres_lie_well_inside_the_field_of_view():
