@@ -155,7 +155,9 @@ class CompactedTraining:
     Life cycle: build it after the model, optimizer and sparsifier (and after loading a checkpoint into them), run
     ``training.model`` forward and backward, call ``step()`` instead of ``sparsity.step()`` after every
     ``optimizer.step()``, and save ``model``, ``optimizer`` and ``sparsity`` as usual. ``close()`` (or leaving a
-    ``with`` block) hands the optimizer back its full weights for good.
+    ``with`` block) hands the optimizer back its full weights for good. Loading a checkpoint into ``model``, the
+    optimizer or the sparsifier while this runs puts the full weights back first, so the loads land as in masked
+    training, in any order; the step after them runs on the full layers, and its ``step()`` cuts them again.
 
     Args:
         model: the model ``sparsity`` masks, not wrapped in DDP or DataParallel: the parameters change at every
@@ -172,9 +174,6 @@ class CompactedTraining:
         sparsity: the sparsifier.
         optimizer: the sparsifier's optimizer.
 
-    Loading a checkpoint into ``model``, the optimizer or the sparsifier while this runs puts the full weights back
-    first, so the loads land as in masked training in any order; the layers are cut again at the next ``step()``,
-    and the step in between runs on the full layers.
     """
 
     def __init__(
