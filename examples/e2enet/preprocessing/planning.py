@@ -198,7 +198,8 @@ class Plans:
             return cls.from_json(json.loads(path.read_text()))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
             raise Problem(
-                f"{path} is not a plans file of this example ({type(error).__name__}: {error}); plan again"
+                f"{path} is not a plans file of this example ({type(error).__name__}: {error}): plan again with "
+                "data.py plan, or, in a run folder, rerun its train.py command with --resume, which writes it anew"
             ) from error
 
 
