@@ -146,6 +146,48 @@ def test_crash_then_resume_ends_bit_identical(dataset, finished_run, tmp_path, m
     assert [r["train_loss"] for r in reference["log"]] == [r["train_loss"] for r in resumed["log"]]
 
 
+def test_input_channel_runs_train_compacted_as_masked_training_does_and_resume_identically(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    """An input-channel run trains its fusion layers cut down to their live channels (sf.CompactedTraining): the
+    final weights and masks are those of the same run trained masked, to float rounding, and a resume from the first
+    epoch's checkpoint (compacted training rebuilt from it) ends bit-identical to the uninterrupted run."""
+    settings = dict(granularity="input_channel", density=0.1, epochs=2, iters=2)
+    compacted = train.train(run_config(dataset, tmp_path / "compacted", **settings))
+    assert "compacted training" in capsys.readouterr().out
+    assert any(layer.compacted for layer in compacted["compacted"].plan.values())
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "trains_compacted", lambda config, procs: False)
+        masked = train.train(run_config(dataset, tmp_path / "masked", **settings))
+    assert masked["compacted"] is None and "compacted training" not in capsys.readouterr().out
+    for (name, a), b in zip(
+        compacted["model"].state_dict().items(), masked["model"].state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-4), name
+    for name in masked["sparsity"].target_names:
+        assert torch.equal(compacted["sparsity"].weight_mask(name), masked["sparsity"].weight_mask(name)), name
+
+    out, real_save = tmp_path / "resumed", train.save_checkpoint
+
+    def crash_after_epoch_0(state, path):
+        real_save(state, path)
+        if state.get("epoch") == 0:
+            raise KeyboardInterrupt("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "save_checkpoint", crash_after_epoch_0)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(run_config(dataset, out, **settings))
+    resumed = train.train(run_config(dataset, out, resume=True, **settings))
+    assert "at epoch 1" in capsys.readouterr().out and resumed["compacted"] is not None
+    for (name, a), b in zip(
+        compacted["model"].state_dict().items(), resumed["model"].state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert compacted["sparsity"].history == resumed["sparsity"].history
+
+
 def test_resume_with_another_configuration_is_refused(dataset, finished_run, capsys):
     out, _ = finished_run
     with pytest.raises(SystemExit) as refused:

@@ -39,6 +39,8 @@ from e2enet.training.run_folder import claim_fold, fold_lock, run_record
 
 # Which fusion layers DSFF masks: all of them (the paper), or the fusion convs alone with the transposed convs dense.
 SPARSE_LAYERS = {"fusion": e2enet_fusion_targets, "fusion-convs": is_fusion_conv}
+# Masks that leave whole input channels dead, so that layers can train cut down to their live channels.
+COMPACTED_GRANULARITIES = ("input_channel", "input_channel_blocks")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -117,6 +119,13 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
     )
 
 
+def trains_compacted(config: RunConfig, procs: Processes) -> bool:
+    """Whether a run trains its fusion layers cut down to their live input channels (sf.CompactedTraining): a sparse
+    run with input-channel masks (kernel masks leave no channel dead) in one process (DDP fixes the parameters,
+    which compacted training swaps at every topology update)."""
+    return config.sparse and not procs.distributed and config.sparsity.granularity in COMPACTED_GRANULARITIES
+
+
 def poly_lr(initial: float, epoch: int, epochs: int) -> float:
     return initial * (1 - epoch / epochs) ** POLY_EXPONENT
 
@@ -130,7 +139,7 @@ class Trainer:
     plans: Plans
     record: dict  # the run config as checkpoints and config.json record it
     model: nn.Module
-    train_model: nn.Module  # the model, or its DDP wrapper
+    train_model: nn.Module  # the model, its DDP wrapper, or the compacted copy that compacted training runs
     optimizer: torch.optim.Optimizer
     sparsity: sf.DynamicSparsity | None
     scaler: torch.amp.GradScaler
@@ -141,6 +150,7 @@ class Trainer:
     guard: DivergenceGuard
     rows: list = field(default_factory=list)
     log: object = print
+    compacted: sf.CompactedTraining | None = None  # built by start_compacted_training once a checkpoint is restored
 
     @property
     def checkpoint_path(self) -> Path:
@@ -172,6 +182,13 @@ class Trainer:
             torch.cuda.set_rng_state(own["cuda_rng"], self.procs.device)
         self.rows = saved["log"]
         return saved["epoch"] + 1
+
+    def start_compacted_training(self) -> None:
+        """Train a compacted copy of the model from here on. Built after :meth:`restore`, from the masks and weights
+        it loaded, so a resumed run cuts the layers as the uninterrupted one had them. The model itself keeps the
+        weights masked training would hold after every step: validation and checkpoints read it as before."""
+        self.compacted = sf.CompactedTraining(self.model, self.sparsity)
+        self.train_model = self.compacted.model
 
     def save(self, path: Path, **extra) -> None:
         sparsity = self.sparsity.state_dict() if self.sparsity else None
@@ -247,6 +264,7 @@ def describe_run(t: Trainer) -> str:
         f"patch {plans.patch_size} x batch {plans.batch_size}, {config.total_iters} iterations"
         + (processes if procs.distributed else "")
         + ("; mixed precision (float16)" if t.record["amp"] else "")
+        + ("; compacted training (dead input channels not computed)" if t.compacted else "")
     )
 
 
@@ -259,11 +277,17 @@ def train_step(t: Trainer, epoch: int) -> tuple[float, sf.UpdateReport | None]:
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
     t.scaler.unscale_(t.optimizer)  # clip the true gradients (all these scaler calls are no-ops without AMP)
-    torch.nn.utils.clip_grad_norm_(t.model.parameters(), GRAD_CLIP)
+    # The trained parameters: compacted layers train a block in place of the full weight (their inactive weights'
+    # gradients, which a masked step discards, are not counted). DDP's parameters are the model's.
+    torch.nn.utils.clip_grad_norm_(t.train_model.parameters(), GRAD_CLIP)
     t.scaler.step(t.optimizer)  # skips the step if the fp16 gradients overflowed
     t.scaler.update()
     t.guard.check_scale(t.scaler, epoch)
-    report = t.sparsity.step() if t.sparsity is not None else None  # None too for a step the scaler skipped
+    # The report is None for a dense run and for a step the scaler skipped.
+    if t.compacted:
+        report = t.compacted.step()  # the sparsity's step, with the compacted layers kept in step with the masks
+    else:
+        report = t.sparsity.step() if t.sparsity is not None else None
     return loss.item(), report
 
 
@@ -290,6 +314,8 @@ def end_epoch(t: Trainer, result: EpochResult) -> None:
 
 def finish(t: Trainer) -> None:
     """The final checkpoint (what predict.py reads) and the fusion-connection figure, from rank 0."""
+    if t.compacted:
+        t.compacted.close()  # the optimizer gets its full weights back; the model already holds the trained ones
     if t.procs.is_main:
         t.save(t.config.fold_dir / "checkpoint_final.pth")
         proportions = fusion_connection_proportions(t.model, t.sparsity)
@@ -303,7 +329,8 @@ def finish(t: Trainer) -> None:
 
 # ---------------------------------------------------------------------------------------------------- train
 def train(config: RunConfig) -> dict:
-    """Train one fold as ``config`` says; returns the fold folder, log, model, sparsity, plans and run record."""
+    """Train one fold as ``config`` says; returns the fold folder, log, model, sparsity, plans and run record, and the
+    (closed) sf.CompactedTraining if the run trained compacted, else None."""
     if config.threads:
         torch.set_num_threads(config.threads)
     procs = setup_distributed()
@@ -321,6 +348,8 @@ def train_fold(config: RunConfig, procs: Processes) -> dict:
         t.log(f"resumed {t.checkpoint_path} at epoch {start_epoch}")
     elif config.resume:
         t.log(f"--resume: no checkpoint at {t.checkpoint_path}, starting from scratch")
+    if trains_compacted(config, procs):
+        t.start_compacted_training()
     t.log(describe_run(t))
 
     for epoch in range(start_epoch, config.budget.epochs):
@@ -329,6 +358,7 @@ def train_fold(config: RunConfig, procs: Processes) -> dict:
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         t.model.train()
+        t.train_model.train()  # the compacted copy has its own train flags, which E2ENet's forward reads
         losses, reports = [], []
         hidden = not config.progress or not t.procs.is_main
         bar = tqdm(range(config.budget.iters_per_epoch), desc=f"epoch {epoch}", disable=hidden, leave=False)
@@ -349,6 +379,7 @@ def train_fold(config: RunConfig, procs: Processes) -> dict:
         "sparsity": t.sparsity,
         "plans": t.plans,
         "config": t.record,
+        "compacted": t.compacted,
     }
 
 
