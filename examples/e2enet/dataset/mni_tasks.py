@@ -70,8 +70,7 @@ REGION_LABELS = {
 
 # Deep structures: grey matter within DEEP_RADIUS_MM of a centre, the mean of Seitzman ROIs of one anatomical label
 # in one hemisphere. Its caudate has no label of its own: the basal-ganglia ROIs in front of y = 10 mm lie in its
-# head. Spheres of 11 mm hold 2.5-4 cm^3 of grey matter, 800-1200 voxels at 1.5 mm: at 8 mm (300-500 voxels) no
-# network learnt more than half the classes in the cpu-demo budget, which left the task unable to rank recipes.
+# head. Spheres of 11 mm hold 2.5-4 cm^3 of grey matter, 800-1200 voxels at 1.5 mm.
 DEEP_STRUCTURES = {"thalamus": "thalamus", "caudate": "basalGanglia", "hippocampus": "hippocampus"}
 CAUDATE_MIN_Y_MM = 10.0
 DEEP_RADIUS_MM = 11.0
