@@ -174,3 +174,28 @@ def test_a_full_disk_at_the_final_checkpoint_leaves_no_final_checkpoint_and_says
     assert f"error: cannot write {fold / 'checkpoint_final.pth'} (No space left on device); free space" in err, err
     assert sorted(p.name for p in fold.iterdir()) == ["checkpoint_latest.pth", "log.csv", "progress.png"]
     assert checkpoint.load_checkpoint(fold / "checkpoint_latest.pth")["epoch"] == 0  # complete: --resume goes on
+
+
+def test_a_figure_cut_off_by_a_full_disk_leaves_the_previous_one(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from e2enet.training import plots
+
+    path = tmp_path / "progress.png"
+    fig = plt.figure()
+    plots.save_figure(fig, path)
+    before = path.read_bytes()
+
+    def disk_full(self, f, **kwargs):
+        f.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(fig), "savefig", disk_full)
+    with pytest.raises(OSError, match="progress.png"):
+        plots.save_figure(fig, path)
+    plt.close(fig)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["progress.png"]

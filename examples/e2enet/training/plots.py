@@ -10,6 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from e2enet.atomic import atomic_write
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` atomically: a full disk mid-write leaves the previous figure, never a truncated one."""
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=90, format=Path(path).suffix.lstrip(".") or "png")
+
 
 def fusion_connection_proportions(model, sparsity) -> dict[str, dict[str, float]]:
     """Share of active kernels of each node's first fusion conv fed by the forward, up and down inputs.
@@ -79,7 +87,7 @@ def plot_progress(rows: list[dict], update_epochs: list[int], path: Path) -> Non
         handles = ax_lr.get_legend_handles_labels()[0] + ax_topology.get_legend_handles_labels()[0]
         ax_lr.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -101,7 +109,7 @@ def plot_fusion_connections(proportions: dict[str, dict[str, float]], path: Path
     ax.set_title("Active fusion kernels by input flow (first conv of each node)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -132,7 +140,7 @@ def plot_learning_curves(rows: list[dict], path: Path) -> None:
     ax_dice.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Learning curves, mean over {seeds} seed(s), band: one std")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -158,5 +166,5 @@ def plot_dice_over_time(rows: list[dict], path: Path, *, final: str = "mdice", t
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or f"Accuracy against training time, mean over {len(rows[0]['runs'])} seed(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    save_figure(fig, path)
     plt.close(fig)
