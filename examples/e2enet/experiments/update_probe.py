@@ -43,6 +43,9 @@ def probe(config) -> dict:
     step = t.sparsity.step if t.sparsity is not None else None
 
     def observed_step():
+        upcoming = t.sparsity.step_count + 1
+        if t.sparsity.schedule is None or not t.sparsity.schedule.is_update(upcoming):
+            return step()  # no update: nothing to snapshot on this hot path
         before = {
             n: (p.detach().clone(), t.sparsity.weight_mask(n).clone())
             for n, p in t.model.named_parameters()

@@ -45,12 +45,10 @@ from e2enet.preprocessing.planning import PLANS_FILE
 from e2enet.preprocessing.preprocess import preprocess_case, revert_preprocessing
 from e2enet.problems import Problem, exit_on_problem
 from e2enet.training.checkpoint import load_checkpoint
+from e2enet.training.config import CHANNEL_GRANULARITIES
 from e2enet.training.run_folder import CONFIG_FILE, fold_problems, load_run, trained_folds
 
 MANIFEST_FILE = "predict_manifest.json"
-# Runs whose masks kill whole input channels: compacted at inference (measured faster than masked at the paper
-# preset, docs/compaction.md). Kernel-level masks leave almost no channel dead.
-COMPACTED_GRANULARITIES = ("input_channel", "input_channel_blocks")
 # What must be equal for a recorded prediction to count as this model's with these settings.
 COMPARED_SETTINGS = ("plans_sha256", "checkpoint", "folds", "tta_axes")
 
@@ -185,7 +183,7 @@ def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: 
             ) from error
         # Measured per network and preset; compacted E2ENets were fastest in the same layouts as the masked ones.
         layout = inference_memory_format(config["arch"], config["preset"], device)
-        if compact and config["granularity"] in COMPACTED_GRANULARITIES and state.get("sparsity") is not None:
+        if compact and config["granularity"] in CHANNEL_GRANULARITIES and state.get("sparsity") is not None:
             models.append(compact_e2enet(model.eval(), None, layout).to(device))
             continue
         models.append(model.to(device, memory_format=layout).eval())

@@ -28,7 +28,7 @@ from e2enet.preprocessing.preprocess import preprocessed_data_dir
 from e2enet.problems import Problem, exit_on_problem
 from e2enet.training.checkpoint import load_checkpoint, save_checkpoint
 from e2enet.training.cli import parse_config
-from e2enet.training.config import GRAD_CLIP, MOMENTUM, POLY_EXPONENT, WEIGHT_DECAY, RunConfig
+from e2enet.training.config import CHANNEL_GRANULARITIES, GRAD_CLIP, MOMENTUM, POLY_EXPONENT, WEIGHT_DECAY, RunConfig
 from e2enet.training.distributed import Processes, gather_rank_states, reduce_over_ranks, setup_distributed
 from e2enet.training.divergence import DivergenceGuard
 from e2enet.training.epoch_log import EpochResult, describe, epoch_row, validate, write_log
@@ -39,8 +39,6 @@ from e2enet.training.run_folder import claim_fold, fold_lock, run_record
 
 # Which fusion layers DSFF masks: all of them (the paper), or the fusion convs alone with the transposed convs dense.
 SPARSE_LAYERS = {"fusion": e2enet_fusion_targets, "fusion-convs": is_fusion_conv}
-# Masks that leave whole input channels dead, so that layers can train cut down to their live channels.
-COMPACTED_GRANULARITIES = ("input_channel", "input_channel_blocks")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -123,7 +121,7 @@ def trains_compacted(config: RunConfig, procs: Processes) -> bool:
     """Whether a run trains its fusion layers cut down to their live input channels (sf.CompactedTraining): a sparse
     run with input-channel masks (kernel masks leave no channel dead) in one process (DDP fixes the parameters,
     which compacted training swaps at every topology update)."""
-    return config.sparse and not procs.distributed and config.sparsity.granularity in COMPACTED_GRANULARITIES
+    return config.sparse and not procs.distributed and config.sparsity.granularity in CHANNEL_GRANULARITIES
 
 
 def poly_lr(initial: float, epoch: int, epochs: int) -> float:
