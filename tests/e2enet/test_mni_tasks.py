@@ -103,6 +103,26 @@ def test_deep_structures_are_small_and_end_where_grey_matter_ends(deep_full_size
         assert counts.sum() < 0.03 * np.prod(img.shape)
 
 
+def test_deep_structures_are_brighter_in_t1_than_the_grey_matter_around_them():
+    # A line through the left hippocampus along x, 14 mm either side: no other structure comes within reach.
+    centre = mni_tasks.deep_structure_centres()[mni_tasks.DEEP_LABELS["hippocampus_left"] - 1]
+    offsets = np.arange(-14.0, 14.5, 0.5)
+    points = (centre[:, None] + np.outer([1.0, 0.0, 0.0], offsets)).reshape(3, -1, 1, 1).astype(np.float32)
+    shape = points.shape[1:]
+    grey = np.full(shape, 0.8, np.float32)
+    maps = mni_tasks.CaseMaps(
+        points, points, np.ones(3), np.full(shape, 0.5), grey, np.zeros(shape), np.zeros(3, np.float32)
+    )
+    gain = mni_tasks.brighten_deep_structures(maps, np.random.default_rng(0))["deep_t1_gain"]
+    assert mni_tasks.DEEP_T1_GAIN[0] <= gain <= mni_tasks.DEEP_T1_GAIN[1]
+    factor, distance = maps.t1_factor.ravel(), np.abs(offsets)
+    inside = distance <= mni_tasks.DEEP_RADIUS_MM - mni_tasks.DEEP_EDGE_MM
+    outside = distance >= mni_tasks.DEEP_RADIUS_MM + mni_tasks.DEEP_EDGE_MM
+    np.testing.assert_allclose(factor[inside], 1 + gain * 0.8, rtol=1e-6)  # in proportion to the grey matter
+    np.testing.assert_allclose(factor[outside], 1.0, rtol=1e-6)
+    assert np.all(np.diff(factor[offsets >= 0]) <= 0)  # fades outward
+
+
 def test_deep_structure_centres_lie_well_inside_the_field_of_view():
     lo, hi = (np.array(corner) for corner in mni_tasks.DEEP_FOV_MM)
     centres = mni_tasks.deep_structure_centres()

@@ -10,8 +10,9 @@ task       classes          spacing (mm)         channels  what is different
 =========  ===============  ===================  ========  =========================================================
 tissue     3                2.5                  T1        large classes, one thin (CSF/other)
 regions    7                2.5                  T1        cuts by position (left/right, front/back), not by contrast
-deep       6                1.5, central crop    T1        small structures (about a thousand voxels each), no held-out
-                                                           top; the field of view is filled with unlabelled tissue
+deep       6                1.5, central crop    T1        small structures (about a thousand voxels each) of faint
+                                                           contrast, no held-out top; the field of view is filled with
+                                                           unlabelled tissue
 parcels    13               3.0                  T1        many classes with borders no contrast shows; small volumes
 lesions    4                2.5                  T1, T2    a class that differs per case, visible mainly in T2
 ct         3                2.4 x 2.4 x 8        CT        Hounsfield units, skull and air; thick slices that average
@@ -70,10 +71,15 @@ REGION_LABELS = {
 
 # Deep structures: grey matter within DEEP_RADIUS_MM of a centre, the mean of Seitzman ROIs of one anatomical label
 # in one hemisphere. Its caudate has no label of its own: the basal-ganglia ROIs in front of y = 10 mm lie in its
-# head. Spheres of 11 mm hold 2.5-4 cm^3 of grey matter, 800-1200 voxels at 1.5 mm.
+# head. Spheres of 11 mm hold 2.5-4 cm^3 of grey matter, 800-1200 voxels at 1.5 mm. Like real deep nuclei, which lie
+# between grey and white matter in T1, each case's structures are brighter than the grey matter around them by a
+# gain of its own: with no contrast at all, a sphere's border through uniform grey matter was not learnt by any
+# model in the cpu-demo budget.
 DEEP_STRUCTURES = {"thalamus": "thalamus", "caudate": "basalGanglia", "hippocampus": "hippocampus"}
 CAUDATE_MIN_Y_MM = 10.0
 DEEP_RADIUS_MM = 11.0
+DEEP_T1_GAIN = (0.08, 0.16)
+DEEP_EDGE_MM = 1.5  # the contrast fades over this distance either side of the sphere's surface
 DEEP_LABELS = {"background": 0} | {
     f"{name}_{side}": 1 + 2 * i + j
     for i, name in enumerate(DEEP_STRUCTURES)
@@ -138,6 +144,7 @@ class CaseMaps:
     template_centre_mm: np.ndarray  # the brain's bounding-box centre in MNI mm
     kept_slices: int | None = None  # a training case keeps array-axis-2 slices [0, kept_slices); None: all
     lesion: np.ndarray | None = None  # [0, 1] weight of a lesion's contrast, set by a task's pathology
+    t1_factor: np.ndarray | None = None  # what a task's pathology multiplies the T1 signal by; None: 1
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -324,7 +331,18 @@ def draw_lesions(maps: CaseMaps, rng: np.random.Generator) -> dict:
         weight = np.maximum(weight, np.clip((1 + LESION_EDGE - radius) / (2 * LESION_EDGE), 0, 1))
         drawn.append({"centre_mm": centre.round(2).tolist(), "semi_axes_mm": semi_axes.round(2).tolist()})
     maps.lesion = np.where(maps.white_matter > 0.3, weight, 0).astype(np.float32)  # lesions of the white matter
+    maps.t1_factor = 1 - LESION_T1_DROP * maps.lesion
     return {"lesions": drawn}
+
+
+def brighten_deep_structures(maps: CaseMaps, rng: np.random.Generator) -> dict:
+    """Set ``maps.t1_factor``: the grey matter of each deep structure's sphere brighter by one gain per case."""
+    gain = round(float(rng.uniform(*DEEP_T1_GAIN)), 3)
+    everywhere = np.ones(maps.shape, bool)
+    distance = np.sqrt(_nearest(maps.template_mm, everywhere, deep_structure_centres())[1]).reshape(maps.shape)
+    inside = np.clip((DEEP_RADIUS_MM + DEEP_EDGE_MM - distance) / (2 * DEEP_EDGE_MM), 0, 1)
+    maps.t1_factor = (1 + gain * inside * maps.grey_matter).astype(np.float32)
+    return {"deep_t1_gain": gain}
 
 
 # ------------------------------------------------------------------------------------------------- channels
@@ -336,8 +354,10 @@ def _rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.nd
 def t1_channel(maps: CaseMaps, params: CaseParams, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     """T1-weighted MRI: the template with the case's gamma, scale, a bias field and Rician noise; zero outside."""
     bias = np.exp(smooth_field(rng, maps.world, MAX_LOG_BIAS))
-    t1 = maps.t1 if maps.lesion is None else maps.t1 * (1 - LESION_T1_DROP * maps.lesion)
-    signal = params.intensity_scale * bias * np.clip(t1, 0, 1) ** params.gamma
+    t1 = np.clip(maps.t1, 0, 1) ** params.gamma
+    if maps.t1_factor is not None:
+        t1 = t1 * maps.t1_factor
+    signal = params.intensity_scale * bias * t1
     noisy = _rician(rng, signal, params.noise_fraction * params.intensity_scale)
     return np.where(maps.support, noisy, 0.0).astype(np.float32), {}
 
@@ -400,11 +420,12 @@ TASKS = {
         "MNIDeepStructures",
         DEEP_LABELS,
         "Grey matter of thalamus, caudate and hippocampus, left and right (11 mm spheres around Seitzman 2018 ROI "
-        "centres), at 1.5 mm in a central crop of synthetic variations of the MNI152 2009a template. "
-        "Not a clinical benchmark.",
+        "centres, 8-16% brighter in T1 than the grey matter around them), at 1.5 mm in a central crop of synthetic "
+        "variations of the MNI152 2009a template. Not a clinical benchmark.",
         Acquisition((1.5, 1.5, 1.5), fov_mm=DEEP_FOV_MM, hold_out_top=False),
         deep_rule,
         {"T1": t1_channel},
+        pathology=brighten_deep_structures,
         reference=f"{TEMPLATE_REFERENCE}; Seitzman et al., NeuroImage 2020 (ROI coordinates)",
         licence=f"{TEMPLATE_LICENCE}; {TABLE_LICENCE.format('unknown')}",
     ),

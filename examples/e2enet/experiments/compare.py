@@ -74,6 +74,12 @@ SETTINGS = {  # row name -> run settings (training/config.py) over the preset's
         "granularity": "input_channel_blocks",
         "sparse_layers": "fusion-convs",
     },
+    "E2ENet DSFF input-channel blocks 0.2 ERK, dense up": {
+        **INPUT_CHANNEL_ERK_01,
+        "density": 0.2,
+        "granularity": "input_channel_blocks",
+        "sparse_layers": "fusion-convs",
+    },
     "DynUNet (nnU-Net)": dict(arch="dynunet", density=1.0),
 }
 DEFAULT_SETTINGS = ["E2ENet dense", "E2ENet DSFF 0.2", "E2ENet DSFF 0.1", "E2ENet static 0.1", "DynUNet (nnU-Net)"]
