@@ -37,14 +37,19 @@ def conv_stack() -> nn.Module:
     ).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def one_thread_setup(doc: str) -> tuple[argparse.Namespace, nn.Module, torch.Tensor]:
+    """(--repeats, the conv stack, its input) of a one-thread conv-stack benchmark whose help is ``doc``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"machine: {machine()}")
     torch.manual_seed(0)
-    base, x = conv_stack(), torch.randn(1, 96, 24, 48, 48)
+    return args, conv_stack(), torch.randn(1, 96, 24, 48, 48)
+
+
+def main() -> None:
+    args, base, x = one_thread_setup(__doc__)
     cases, plans = {}, {}
     for label, granularity, density in SETTINGS:
         masked = copy.deepcopy(base)

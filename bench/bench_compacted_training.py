@@ -13,12 +13,11 @@ checked against its masked twin, which took the same steps on the same batch.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
-from bench_compact import conv_stack
-from common import interleaved, machine
+from bench_compact import one_thread_setup
+from common import interleaved
 
 import sparsefuse as sf
 
@@ -49,13 +48,7 @@ def training_run(base: torch.nn.Module, density: float, every: int | None, compa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"machine: {machine()}")
-    torch.manual_seed(0)
-    base, x = conv_stack(), torch.randn(1, 96, 24, 48, 48)
+    args, base, x = one_thread_setup(__doc__)
     cases, models = {}, {}
     for label, density, every in SETTINGS:
         for kind in ("masked", "compacted"):

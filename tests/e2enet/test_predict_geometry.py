@@ -28,23 +28,9 @@ from e2enet.inference import predict
 from e2enet.preprocessing import planning
 from e2enet.training import train
 from tests.e2enet.raw_datasets import make_dataset
-from tests.e2enet.test_trust import exit_status, predict_args, snapshot, train_args
+from tests.e2enet.tiny_runs import exit_status, predict_args, snapshot, train_args
 
 CASE = "mni_test_000"
-
-# --------------------------------------------------------------------------- tiny trained runs
-
-
-@pytest.fixture(scope="module")
-def mni(tmp_path_factory) -> Path:
-    return prepare_mni.build_mni_dataset(tmp_path_factory.mktemp("raw"), num_train=5, num_test=2, spacing_mm=5.0)
-
-
-@pytest.fixture(scope="module")
-def run(mni, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train.main(train_args(mni, out))
-    return out
 
 
 def in_world(path: Path) -> tuple[np.ndarray, np.ndarray]:

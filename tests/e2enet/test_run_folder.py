@@ -1,6 +1,6 @@
 """What train.py does to a run folder that another training holds, that it cannot write, or whose disk fills up.
 
-One tiny trained run (the MNI dataset at 6 mm, one epoch of two iterations), copied for every test that changes it.
+One tiny trained run (the MNI dataset at 5 mm, one epoch of two iterations), copied for every test that changes it.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,29 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2enet.dataset import mni as prepare_mni
 from e2enet.problems import Problem
 from e2enet.training import checkpoint, run_folder, train
-
-
-def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
-    budget = ["--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--no-progress"]
-    return ["--data", str(dataset), "--out", str(out), *budget, "--preprocessed", str(out.parent / "pre"), *extra]
-
-
-def exit_status(argv, capsys) -> tuple[int, str]:
-    """train.py's exit status and stderr; any exception but SystemExit (a traceback) fails the test."""
-    capsys.readouterr()
-    try:
-        train.main(argv)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    return status, capsys.readouterr().err
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.e2enet.tiny_runs import exit_status, snapshot, train_args
 
 
 def write_lock(fold_dir: Path, pid: int, host: str | None = None) -> Path:
@@ -55,23 +34,6 @@ def dead_pid() -> int:
     return process.pid
 
 
-@pytest.fixture(scope="module")
-def mni(tmp_path_factory) -> Path:
-    return prepare_mni.build_mni_dataset(tmp_path_factory.mktemp("raw"), num_train=5, num_test=1, spacing_mm=6.0)
-
-
-@pytest.fixture(scope="module")
-def run(mni, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train.main(train_args(mni, out))
-    return out
-
-
-@pytest.fixture
-def run_copy(run, tmp_path) -> Path:
-    return Path(shutil.copytree(run, tmp_path / "run"))
-
-
 # --------------------------------------------------------------------------- one training per fold
 
 
@@ -79,7 +41,7 @@ def test_a_fold_that_a_running_training_holds_is_refused_and_overwrite_deletes_n
     holder = os.getppid()  # a process that runs for as long as this test
     write_lock(run_copy / "fold_0", holder)
     before = snapshot(run_copy)
-    status, err = exit_status(train_args(mni, run_copy, "--overwrite"), capsys)
+    status, err = exit_status(train.main, train_args(mni, run_copy, "--overwrite"), capsys)
     assert status == 2, err
     assert f"process {holder} on {socket.gethostname()} since 2026-01-02T03:04:05+00:00" in err, err
     assert "wait for that training to finish or stop it" in err and err.count("\n") == 1, err
@@ -152,7 +114,7 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_naming_it(mni, tmp_path
         return real_mkdir(folder, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", read_only)
-    status, err = exit_status(train_args(mni, out), capsys)
+    status, err = exit_status(train.main, train_args(mni, out), capsys)
     assert status == 2 and err.count("\n") == 1, err
     assert f"error: cannot access {out / 'fold_0'} (Permission denied)" in err and "or use another folder" in err, err
 
@@ -169,7 +131,7 @@ def test_a_full_disk_at_the_final_checkpoint_leaves_no_final_checkpoint_and_says
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk_at_the_end)
-    status, err = exit_status(train_args(mni, run_copy, "--overwrite"), capsys)
+    status, err = exit_status(train.main, train_args(mni, run_copy, "--overwrite"), capsys)
     assert status == 2 and err.count("\n") == 1, err
     assert f"error: cannot write {fold / 'checkpoint_final.pth'} (No space left on device); free space" in err, err
     assert sorted(p.name for p in fold.iterdir()) == ["checkpoint_latest.pth", "log.csv", "progress.png"]

@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from e2enet.dataset import cli as data
-from e2enet.dataset import mni as prepare_mni
 from e2enet.dataset.layout import convert_msd_dataset
 from e2enet.dataset.verify import verify_dataset
 from e2enet.evaluation import evaluate
@@ -31,6 +30,7 @@ from e2enet.training import train
 from e2enet.training.divergence import DivergenceGuard
 from e2enet.training.epoch_log import pseudo_dice
 from tests.e2enet.raw_datasets import write_nifti
+from tests.e2enet.tiny_runs import exit_status, predict_args, snapshot, train_args
 
 # --------------------------------------------------------------------------- helpers
 
@@ -66,68 +66,6 @@ def edit_image(path: Path, change) -> None:
 
 def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def exit_status(main, argv, capsys) -> tuple[int, str]:
-    """Run a script's main in-process as its command line would run: (exit status, what it printed to stderr).
-
-    Any exception other than SystemExit propagates: a traceback where a one-line error was due fails the test.
-    """
-    capsys.readouterr()
-    try:
-        result = main(argv)
-        status = result if isinstance(result, int) else 0
-    except SystemExit as exit:
-        status = exit.code
-    return status, capsys.readouterr().err
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-# --------------------------------------------------------------------------- a tiny trained run
-
-
-@pytest.fixture(scope="module")
-def mni(tmp_path_factory) -> Path:
-    return prepare_mni.build_mni_dataset(tmp_path_factory.mktemp("raw"), num_train=5, num_test=2, spacing_mm=5.0)
-
-
-def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--data",
-        str(dataset),
-        "--out",
-        str(out),
-        "--epochs",
-        "1",
-        "--iters-per-epoch",
-        "2",
-        "--val-iters",
-        "1",
-        "--no-progress",
-        "--preprocessed",
-        str(out.parent / "preprocessed"),
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def run(mni, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trained") / "run"
-    train.main(train_args(mni, out))
-    return out
-
-
-def predict_args(run: Path, images: Path, output: Path, *extra: str) -> list[str]:
-    return ["--model", str(run), "--input", str(images), "--output", str(output), "--no-progress", *extra]
-
-
-@pytest.fixture
-def run_copy(run, tmp_path) -> Path:
-    """A copy of the trained run that a test may damage."""
-    return Path(shutil.copytree(run, tmp_path / "run"))
 
 
 # --------------------------------------------------------------------------- 1. a refused --resume changes nothing
