@@ -1,7 +1,7 @@
 """Update schedules: when the topology changes and what fraction of the active groups is replaced.
 
 Steps count calls to ``sparsity.step()``: the first call is step 1; step t is an update step when
-``t % every == 0`` and (if ``stop`` is set) ``t <= stop``.
+``t % every == 0``, ``t > start`` and (if ``stop`` is set) ``t <= stop``.
 
 Schedules have no names (`DynamicSparsity(schedule=...)` takes an object): each one needs at least ``every`` and
 ``drop_fraction``, which a name cannot carry.
@@ -40,10 +40,13 @@ class Schedule(ABC):
             (bar those ``grace_updates`` protects), leaving nothing of the topology it trained, and every inactive
             group above that density.
         stop: the last step that may change the topology, or None for no limit.
+        start: the steps that train the first mask unchanged: the first update is the first multiple of ``every``
+            after ``start`` (0: from the first multiple). A network that has not yet learnt much loses most of what
+            it learnt to a large early exchange.
     """
 
     @renamed_kwarg("alpha", "drop_fraction")
-    def __init__(self, every: int, drop_fraction: float, stop: int | None = None):
+    def __init__(self, every: int, drop_fraction: float, stop: int | None = None, start: int = 0):
         positive_int("every", every, "it is the number of steps between topology updates (e.g. every=100)")
         if not _in_unit_interval(drop_fraction):
             raise ValueError(
@@ -52,7 +55,13 @@ class Schedule(ABC):
             )
         if stop is not None:
             positive_int("stop", stop, "it is the last step that may change the topology, or None for no limit")
-        self.every, self.drop_fraction, self.stop = every, float(drop_fraction), stop
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(
+                f"start must be an int >= 0, got {start!r}; it is the number of steps before the first update"
+            )
+        if stop is not None and start >= stop:
+            raise ValueError(f"start={start} is not before stop={stop}: no step could change the topology")
+        self.every, self.drop_fraction, self.stop, self.start = every, float(drop_fraction), stop, start
 
     def is_update(self, step: int) -> bool:
         """Whether a step changes the topology.
@@ -60,7 +69,7 @@ class Schedule(ABC):
         Args:
             step: the ``sparsity.step()`` call, counted from 1.
         """
-        return step % self.every == 0 and (self.stop is None or step <= self.stop)
+        return step % self.every == 0 and step > self.start and (self.stop is None or step <= self.stop)
 
     @abstractmethod
     def fraction(self, step: int) -> float:
@@ -82,6 +91,7 @@ class Constant(Schedule):
         every: steps between topology updates.
         drop_fraction: the fraction of active groups replaced at each update, in (0, 1].
         stop: the last step that may change the topology, or None for no limit.
+        start: the steps before the first update.
     """
 
     def fraction(self, step):
@@ -89,33 +99,40 @@ class Constant(Schedule):
 
 
 class Decay(Schedule):
-    """Base class of schedules whose fraction falls from ``drop_fraction`` at step 0 to 0 at ``total_steps``.
+    """Base class of schedules whose fraction falls from ``drop_fraction`` at ``start`` to 0 at ``total_steps``.
 
     Args:
         every: steps between topology updates.
-        drop_fraction: the fraction at step 0, in (0, 1].
+        drop_fraction: the fraction at ``start``, in (0, 1].
         total_steps: the horizon T of the decay, usually the run's length; the fraction is 0 from T on.
         stop: the last step that may change the topology, or None for no limit.
+        start: the steps before the first update; the decay begins there.
     """
 
     @renamed_kwarg("alpha", "drop_fraction")
-    def __init__(self, every: int, drop_fraction: float, total_steps: int, stop: int | None = None):
-        super().__init__(every, drop_fraction, stop)
+    def __init__(self, every: int, drop_fraction: float, total_steps: int, stop: int | None = None, start: int = 0):
+        super().__init__(every, drop_fraction, stop, start)
         positive_int("total_steps", total_steps, "it is the horizon T of the decay, usually the run's length")
+        if start >= total_steps:
+            raise ValueError(f"start={start} is not before total_steps={total_steps}: the decay would have no length")
         self.total_steps = total_steps
 
     def _progress(self, step: int) -> float:
-        return min(step, self.total_steps) / self.total_steps
+        elapsed = min(max(step - self.start, 0), self.total_steps - self.start)
+        return elapsed / (self.total_steps - self.start)
 
 
 class CosineDecay(Decay):
     """``drop_fraction / 2 * (1 + cos(pi * t / total_steps))``: paper Algorithm 1 and RigL; 0 from ``total_steps``.
 
+    With a ``start``, t counts from it and the horizon is ``total_steps - start``.
+
     Args:
         every: steps between topology updates (the paper's delta T).
-        drop_fraction: the fraction at step 0, in (0, 1] (the paper's alpha, 0.5).
+        drop_fraction: the fraction at ``start`` (step 0 by default), in (0, 1] (the paper's alpha, 0.5).
         total_steps: the horizon T of the decay, usually the run's length.
         stop: the last step that may change the topology, or None for no limit.
+        start: the steps before the first update.
     """
 
     def fraction(self, step):
@@ -123,13 +140,15 @@ class CosineDecay(Decay):
 
 
 class Linear(Decay):
-    """``drop_fraction * (1 - t / total_steps)``; 0 from ``total_steps`` on.
+    """``drop_fraction * (1 - t / total_steps)``; 0 from ``total_steps`` on (t counted from ``start``, as in
+    [`CosineDecay`][sparsefuse.schedules.CosineDecay]).
 
     Args:
         every: steps between topology updates.
-        drop_fraction: the fraction at step 0, in (0, 1].
+        drop_fraction: the fraction at ``start``, in (0, 1].
         total_steps: the horizon T of the decay, usually the run's length.
         stop: the last step that may change the topology, or None for no limit.
+        start: the steps before the first update.
     """
 
     def fraction(self, step):

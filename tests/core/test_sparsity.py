@@ -310,12 +310,44 @@ def test_targets_outside_the_optimizer_are_refused():
         (dict(every=10, drop_fraction=None), r"drop_fraction must be a number in \(0, 1\], got None"),
         (dict(every=10, drop_fraction=0.5, total_steps=0), "total_steps"),
         (dict(every=10, drop_fraction=0.5, total_steps=100, stop=0), "stop"),
+        (dict(every=10, drop_fraction=0.5, start=-1), r"start must be an int >= 0, got -1"),
+        (dict(every=10, drop_fraction=0.5, start=5, stop=5), r"start=5 is not before stop=5"),
+        (dict(every=10, drop_fraction=0.5, total_steps=100, start=100), r"start=100 is not before total_steps=100"),
     ],
 )
 def test_bad_schedules_are_refused(kwargs, pattern):
     cls = sf.schedules.CosineDecay if "total_steps" in kwargs else sf.schedules.Constant
     with pytest.raises(ValueError, match=pattern):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [sf.schedules.CosineDecay, sf.schedules.Linear])
+def test_a_start_delays_the_first_update_and_the_decay_begins_there(cls):
+    delayed = cls(every=10, drop_fraction=0.4, total_steps=100, start=25)
+    plain = cls(every=10, drop_fraction=0.4, total_steps=75)
+    assert [t for t in range(1, 101) if delayed.is_update(t)] == [30, 40, 50, 60, 70, 80, 90, 100]
+    for t in range(26, 101):
+        assert delayed.fraction(t) == pytest.approx(plain.fraction(t - 25))  # the same decay, 25 steps later
+    assert delayed.fraction(25) == pytest.approx(0.4) and delayed.fraction(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_sparsifier_keeps_its_first_mask_until_the_start():
+    torch.manual_seed(0)
+    model = nn.Linear(10, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = sf.schedules.Constant(every=2, drop_fraction=0.5, start=5)
+    sparsity = sf.DynamicSparsity(model, opt, density=0.3, granularity="element", schedule=schedule)
+    first = sparsity.weight_mask("weight").clone()
+    changed_at = []
+    for step in range(1, 9):
+        model(torch.randn(4, 10)).sum().backward()
+        opt.step()
+        report = sparsity.step()
+        if report is not None and report.layers["weight"].grown:
+            changed_at.append(step)
+        if step < 6:
+            assert torch.equal(sparsity.weight_mask("weight"), first)
+    assert changed_at == [6, 8]
 
 
 @pytest.mark.parametrize("density, replaced", [(0.3, 30), (0.5, 50), (0.8, 20)])

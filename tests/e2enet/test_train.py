@@ -402,6 +402,15 @@ def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp
     assert result["sparsity"].density() == pytest.approx(0.2, abs=0.01)
 
 
+def test_the_first_mask_trains_unchanged_until_update_from(dataset, tmp_path):
+    result = train.train(run_config(dataset, tmp_path / "from", update_every=1, update_from=0.5, epochs=4, iters=2))
+    assert result["config"]["update_from"] == 0.5
+    updates = [row["topology_updates"] for row in result["log"]]
+    # Iterations 1-4 keep the first mask, 5-8 may change it (the first of them at the full drop fraction).
+    assert updates[:2] == [0, 0] and updates[2] > 0
+    assert result["sparsity"].schedule.fraction(4) == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -413,6 +422,7 @@ def test_updates_stop_at_the_share_of_the_run_given_by_update_until(dataset, tmp
         (["--val-iters", "0"], "--val-iters must be positive"),  # a NaN validation loss otherwise
         (["--val-iters", "-1"], "--val-iters must be positive"),
         (["--update-every", "0"], "--update-every must be a positive number of iterations"),  # was replaced silently
+        (["--update-from", "0.8", "--update-until", "0.75"], "--update-from must be in [0, --update-until)"),
     ],
 )
 def test_sparse_flags_that_would_be_ignored_are_refused(dataset, tmp_path, capsys, flags, message):

@@ -1,7 +1,8 @@
 """What each topology update does to a training run: the loss around it and the trained weight mass it drops.
 
     python -m e2enet.experiments.update_probe --data raw/Dataset991_MNIRegions --out runs/probe \\
-        [--density 0.2] [--drop-fraction 0.5] [--update-until 1.0] [--regrow-init zeros] [--epochs E ...]
+        [--density 0.2] [--drop-fraction 0.5] [--update-from 0.0] [--update-until 1.0] [--regrow-init zeros]
+        [--epochs E ...]
 
 Trains one fold as train.py would (the same setup, step and learning rate; no validation or checkpoints) and writes
 ``update_probe.json`` in ``--out``: the training loss of every iteration and, for every update, its iteration, the
@@ -96,6 +97,7 @@ def main(argv=None) -> dict:
         ("epochs", int),
         ("iters_per_epoch", int),
         ("drop_fraction", float),
+        ("update_from", float),
         ("update_until", float),
         ("update_every", int),
         ("regrow_init", str),

@@ -165,6 +165,12 @@ def add_sparsity_flags(p: argparse.ArgumentParser) -> None:
         f"cpu-demo below density {settings.LOW_DENSITY}: 0.2)",
     )
     p.add_argument(
+        "--update-from",
+        type=float,
+        help="share of the run that trains the first mask unchanged; the first update and the cosine's start follow "
+        "it (default 0: updates from the start, as the paper)",
+    )
+    p.add_argument(
         "--update-until",
         type=float,
         help="share of the run during which the topology may change; the cosine reaches 0 there and the mask is "

@@ -60,13 +60,14 @@ class Budget:
 class TopologyUpdates:
     """When and how a dynamic mask changes (the paper's rules by default).
 
-    ``update_every`` None means: from the run's length, ``min(1200, max(1, iterations // 50))``. The number of kernels
-    exchanged starts at ``drop_fraction`` of the active ones and follows a cosine to 0 at ``update_until`` of the run;
-    the mask is fixed after it.
+    ``update_every`` None means: from the run's length, ``min(1200, max(1, iterations // 50))``. The first mask trains
+    unchanged for ``update_from`` of the run; from there the number of kernels exchanged starts at ``drop_fraction`` of
+    the active ones and follows a cosine to 0 at ``update_until`` of the run; the mask is fixed after it.
     """
 
     update_every: int | None = None
     drop_fraction: float = 0.5
+    update_from: float = 0.0
     update_until: float = 1.0
     growth: str = "random"
     regrow_init: str = "zeros"
@@ -281,6 +282,11 @@ def check(config: RunConfig) -> None:
         raise Problem(f"--drop-fraction must be in (0, 1), got {u.drop_fraction}")
     if not 0.0 < u.update_until <= 1.0:
         raise Problem(f"--update-until must be in (0, 1], got {u.update_until}")
+    if not 0.0 <= u.update_from < u.update_until:
+        raise Problem(
+            f"--update-from must be in [0, --update-until) = [0, {u.update_until}), got {u.update_from}: the "
+            "topology changes between the two"
+        )
     if u.update_every is not None and u.update_every < 1:
         raise Problem(f"--update-every must be a positive number of iterations, got {u.update_every}")
     if u.grace_updates < 0:

@@ -93,11 +93,16 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
         return None
     s, u = config.sparsity, config.sparsity.updates
     last_update = max(1, round(u.update_until * config.total_iters))
+    first_free = min(round(u.update_from * config.total_iters), last_update - 1)
     schedule = (
         None
         if s.static
         else sf.schedules.CosineDecay(
-            every=config.update_every, drop_fraction=u.drop_fraction, total_steps=last_update, stop=last_update
+            every=config.update_every,
+            drop_fraction=u.drop_fraction,
+            total_steps=last_update,
+            stop=last_update,
+            start=first_free,
         )
     )
     return sf.DynamicSparsity(
@@ -252,8 +257,8 @@ def describe_run(t: Trainer) -> str:
         sparse = f"static density {s.density}"
     else:
         sparse = (
-            f"dynamic density {s.density} (topology update every {config.update_every} iterations until "
-            f"{u.update_until:.0%} of the run, drop fraction {u.drop_fraction})"
+            f"dynamic density {s.density} (topology update every {config.update_every} iterations from "
+            f"{u.update_from:.0%} until {u.update_until:.0%} of the run, drop fraction {u.drop_fraction})"
         )
     processes = f"; {procs.world_size} processes (global batch {procs.world_size * plans.batch_size})"
     return (
