@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -17,7 +18,7 @@ COARSE_MM = 4.0  # every task builds in about a second at this spacing
 EXPECTED = {  # task -> (foreground classes, channel names)
     "tissue": (3, ["T1"]),
     "regions": (7, ["T1"]),
-    "deep": (6, ["T1"]),
+    "deep": (3, ["T1"]),
     "parcels": (13, ["T1"]),
     "lesions": (4, ["T1", "T2"]),
     "ct": (3, ["CT"]),
@@ -90,43 +91,46 @@ def test_every_task_is_deterministic_and_its_cases_differ(suite, task, tmp_path)
         assert not np.allclose(other.affine, train.affine)
 
 
-def test_deep_structures_are_small_and_end_where_grey_matter_ends(deep_full_size):
+def test_deep_structures_are_small_ellipsoids(deep_full_size):
     provenance = json.loads((deep_full_size / prepare_mni.PROVENANCE_FILE).read_text())
     assert provenance["held_out"] is None and provenance["spacing_mm"] == 1.5
-    sphere_mm3 = 4 / 3 * np.pi * mni_tasks.DEEP_RADIUS_MM**3
+    ellipsoid_mm3 = np.array(
+        [4 / 3 * np.pi * np.prod(mni_tasks.DEEP_SEMI_AXES_MM[n]) for n in mni_tasks.DEEP_STRUCTURES]
+    )
     for label_img in (deep_full_size / "labelsTr").glob("*.nii.gz"):
         img = nib.load(label_img)
-        counts = np.bincount(np.asarray(img.dataobj).ravel(), minlength=7)[1:]
-        sphere_voxels = sphere_mm3 / np.prod(img.header.get_zooms())
-        # About a thousand voxels each, and fewer than the sphere holds: the label stops where grey matter does.
-        assert np.all((counts > 200) & (counts < 0.95 * sphere_voxels)), counts
+        counts = np.bincount(np.asarray(img.dataobj).ravel(), minlength=4)[1:]
+        voxels = 2 * ellipsoid_mm3 / np.prod(img.header.get_zooms())  # left and right
+        # A few hundred voxels each, about what the ellipsoid holds (the warp stretches it a little).
+        assert np.all((counts > 0.7 * voxels) & (counts < 1.3 * voxels)), (counts, voxels)
         assert counts.sum() < 0.03 * np.prod(img.shape)
 
 
-def test_deep_structures_are_brighter_in_t1_than_the_grey_matter_around_them():
-    # A line through the left hippocampus along x, 14 mm either side: no other structure comes within reach.
-    centre = mni_tasks.deep_structure_centres()[mni_tasks.DEEP_LABELS["hippocampus_left"] - 1]
-    offsets = np.arange(-14.0, 14.5, 0.5)
+@pytest.mark.parametrize("structure", mni_tasks.DEEP_STRUCTURES)
+def test_every_kind_of_deep_structure_is_darker_in_t1_with_a_soft_edge(structure):
+    # A line along x through the left structure, out to twice its semi-axis: no other structure comes within reach.
+    centre = mni_tasks.deep_structure_centres()[2 * list(mni_tasks.DEEP_STRUCTURES).index(structure)]  # left
+    semi_axis = mni_tasks.DEEP_SEMI_AXES_MM[structure][0]
+    offsets = np.linspace(-2 * semi_axis, 2 * semi_axis, 81)
     points = (centre[:, None] + np.outer([1.0, 0.0, 0.0], offsets)).reshape(3, -1, 1, 1).astype(np.float32)
     shape = points.shape[1:]
-    grey = np.full(shape, 0.8, np.float32)
     maps = mni_tasks.CaseMaps(
-        points, points, np.ones(3), np.full(shape, 0.5), grey, np.zeros(shape), np.zeros(3, np.float32)
+        points, points, np.ones(3), np.full(shape, 0.5), np.zeros(shape), np.zeros(shape), np.zeros(3, np.float32)
     )
-    gain = mni_tasks.brighten_deep_structures(maps, np.random.default_rng(0))["deep_t1_gain"]
+    gain = mni_tasks.contrast_deep_structures(maps, np.random.default_rng(0))["deep_t1_gain"]
     assert mni_tasks.DEEP_T1_GAIN[0] <= gain <= mni_tasks.DEEP_T1_GAIN[1]
-    factor, distance = maps.t1_factor.ravel(), np.abs(offsets)
-    inside = distance <= mni_tasks.DEEP_RADIUS_MM - mni_tasks.DEEP_EDGE_MM
-    outside = distance >= mni_tasks.DEEP_RADIUS_MM + mni_tasks.DEEP_EDGE_MM
-    np.testing.assert_allclose(factor[inside], 1 + gain * 0.8, rtol=1e-6)  # in proportion to the grey matter
-    np.testing.assert_allclose(factor[outside], 1.0, rtol=1e-6)
-    assert np.all(np.diff(factor[offsets >= 0]) <= 0)  # fades outward
+    factor, radius = maps.t1_factor.ravel(), np.abs(offsets) / semi_axis
+    np.testing.assert_allclose(factor[radius <= 1 - mni_tasks.DEEP_EDGE], 1 - gain, rtol=1e-6)
+    np.testing.assert_allclose(factor[radius >= 1 + mni_tasks.DEEP_EDGE], 1.0, rtol=1e-6)
+    assert np.all(np.diff(factor[offsets >= 0]) >= -1e-7)  # fades outward
+    labels = mni_tasks.deep_rule(replace(maps, t1=np.ones(shape))).ravel()  # a brain everywhere
+    assert set(labels[radius <= 0.95]) == {mni_tasks.DEEP_LABELS[structure]} and set(labels[radius > 1.05]) == {0}
 
 
 def test_deep_structure_centres_lie_well_inside_the_field_of_view():
     lo, hi = (np.array(corner) for corner in mni_tasks.DEEP_FOV_MM)
     centres = mni_tasks.deep_structure_centres()
-    margin = mni_tasks.DEEP_RADIUS_MM + prepare_mni.MAX_SHIFT_MM + 10
+    margin = max(max(axes) for axes in mni_tasks.DEEP_SEMI_AXES_MM.values()) + prepare_mni.MAX_SHIFT_MM + 10
     assert np.all(centres - margin > lo) and np.all(centres + margin < hi)
     left, right = centres[0::2], centres[1::2]
     assert np.all(left[:, 0] < 0) and np.all(right[:, 0] > 0)
