@@ -18,7 +18,7 @@ import torch
 
 from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
-from e2enet.experiments import compare
+from e2enet.experiments import compare, demo
 from e2enet.inference import predict
 from e2enet.training import checkpoint, cli, train
 from e2enet.training import config as run_settings
@@ -659,3 +659,16 @@ def test_topology_update_rules_follow_the_preset_and_density_unless_given(tmp_pa
     argv = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", preset, "--density", density]
     updates = cli.parse_config([*argv, *flags]).sparsity.updates
     assert (updates.drop_fraction, updates.update_until) == rules
+
+
+def test_the_demo_gives_each_e2enet_rows_cost_as_a_multiple_of_dynunets():
+    rows = [
+        {"name": "E2ENet dense", "seconds_per_iteration": 0.6, "inference_seconds_per_case": 1.0},
+        {"name": "E2ENet DSFF 0.2", "seconds_per_iteration": 0.45, "inference_seconds_per_case": 3.0},
+        {"name": "DynUNet (nnU-Net)", "seconds_per_iteration": 0.3, "inference_seconds_per_case": 2.0},
+    ]
+    lines = demo.cost_against_baseline(rows).strip().splitlines()
+    assert lines[1:] == [
+        "  E2ENet dense: 2.00x its time per training iteration, 0.50x its inference time",
+        "  E2ENet DSFF 0.2: 1.50x its time per training iteration, 1.50x its inference time",
+    ]

@@ -22,6 +22,21 @@ from e2enet.training.config import make_config
 from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
 
 
+def cost_against_baseline(rows: list[dict], baseline: str = "DynUNet (nnU-Net)") -> str:
+    """One line per E2ENet row: its training time per iteration and inference time per case as multiples of the
+    baseline's (measured in the runs above, so as noisy as the machine was)."""
+    base = next(r for r in rows if r["name"] == baseline)
+    lines = [f"\ntime against {baseline} (same runs; times on a shared machine vary):"]
+    for r in rows:
+        if r["name"] != baseline:
+            train = r["seconds_per_iteration"] / base["seconds_per_iteration"]
+            infer = r["inference_seconds_per_case"] / base["inference_seconds_per_case"]
+            lines.append(
+                f"  {r['name']}: {train:.2f}x its time per training iteration, {infer:.2f}x its inference time"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
@@ -58,6 +73,7 @@ def main(argv=None) -> list[dict]:
         f"FLOPs per {patch} patch; PT = eq. 7 with references over these rows\n"
     )
     print(format_rows(rows))
+    print(cost_against_baseline(rows))
     never = {r["name"]: r["classes_never_learnt"] for r in rows if r["classes_never_learnt"]}
     if never:
         print(f"\nclasses below Dice 0.05: {never}")
