@@ -35,6 +35,7 @@ from e2enet.training.train import build_sparsity
 
 IN_CHANNELS, NUM_CLASSES = 1, 8
 BLOCKS_ERK = dict(granularity="input_channel_blocks", distribution="erk", sparse_layers="fusion-convs")
+POOL = dict(granularity="input_channel_pool", sparse_layers="fusion-convs")  # blocks sharing a pool of inputs
 CASES = {  # row -> (run settings over the preset's, trains compacted)
     "DynUNet": (dict(arch="dynunet"), False),
     "E2ENet dense": (dict(density=1.0), False),
@@ -42,6 +43,8 @@ CASES = {  # row -> (run settings over the preset's, trains compacted)
     "E2ENet DSFF 0.2 blocks ERK, masked": (dict(density=0.2, **BLOCKS_ERK), False),
     "E2ENet DSFF 0.2 blocks ERK, compacted": (dict(density=0.2, **BLOCKS_ERK), True),
     "E2ENet DSFF 0.1 blocks ERK, compacted": (dict(density=0.1, **BLOCKS_ERK), True),
+    "E2ENet DSFF 0.2 pool, compacted": (dict(density=0.2, **POOL), True),
+    "E2ENet DSFF 0.2 pool ERK, compacted": (dict(density=0.2, **POOL, distribution="erk"), True),
     "E2ENet DSFF 0.1 input-channel, compacted": (dict(density=0.1, granularity="input_channel"), True),
 }
 

@@ -26,13 +26,20 @@ __all__ = [
     "InputChannel",
     "InputChannelBlocks",
     "Block",
+    "PooledBlock",
     "GRANULARITIES",
     "get_granularity",
 ]
 
 
 class Granularity(ABC):
-    """Base class. Subclasses define the group shape and the two mappings between group and weight space."""
+    """Base class. Subclasses define the group shape and the two mappings between group and weight space.
+
+    A granularity may also limit which groups are active together (``confines_growth`` True, and ``confine``): the
+    sparsifier then asks it to rank the candidates of the first mask and of every regrowth.
+    """
+
+    confines_growth = False
 
     def bind(self, name: str, weight: Tensor, module: nn.Module | None) -> Granularity:
         """Return the granularity to use for one weight (self, or a copy configured for it).
@@ -46,6 +53,17 @@ class Granularity(ABC):
             ValueError: naming ``name``, if this granularity cannot cut that weight.
         """
         return self
+
+    def confine(self, mask: Tensor, scores: Tensor, count: int) -> Tensor:
+        """Growth scores re-ranked so that the groups this granularity prefers come first; called only when
+        ``confines_growth`` is True (the base class keeps the scores).
+
+        Args:
+            mask: the group mask before ``count`` groups are grown (after the drop; all False for the first mask).
+            scores: the growth policy's scores, in group shape.
+            count: how many groups are about to be grown.
+        """
+        return scores
 
     @abstractmethod
     def groups_shape(self, weight_shape: torch.Size) -> tuple[int, ...]:
@@ -238,19 +256,32 @@ class InputChannelBlocks(Granularity):
     possibly none), as many as an ``InputChannel`` mask reads for the whole layer; together the blocks read up to
     ``blocks`` times more distinct inputs. Compaction removes the input channels no block reads.
 
+    With ``pool``, the blocks draw their inputs from a shared pool of ``pool`` times the inputs one block reads on
+    average (``pool`` x density x ``in``): the first mask and every regrowth take groups whose input some block
+    already reads, and new inputs only to refill the pool to that size, so the union of what the blocks read, and
+    with it the compacted layer, stays near ``pool`` x density x ``in``. The limit is kept wherever the pool has
+    room for the regrowth (``pool`` of at least 1 + the drop fraction); where it has not, growth goes beyond it.
+
     ``bind`` returns the [`Block`][sparsefuse.masks.Block] that cuts the layer this way: ``Block(out / blocks, 1)``
     for a Linear/Conv weight (out, in, *k), group mask (blocks, in); ``Block(1, out / blocks)`` for a
-    ConvTranspose weight (in, out, *k), group mask (in, blocks). Grouped convolutions are refused (use
+    ConvTranspose weight (in, out, *k), group mask (in, blocks); with ``pool``, the
+    [`PooledBlock`][sparsefuse.masks.PooledBlock] of that shape. Grouped convolutions are refused (use
     ``input_channel``), and ``blocks`` must divide the number of outputs.
 
     Args:
         blocks: output slices per layer, each with its own input-channel mask (default 4).
+        pool: None (no limit), or the shared pool's size in multiples of one block's reads, at least 1.
     """
 
-    def __init__(self, blocks: int = 4):
+    def __init__(self, blocks: int = 4, pool: float | None = None):
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
             raise ValueError(f"InputChannelBlocks(blocks=...) needs a positive int, got {blocks!r}")
-        self.blocks = blocks
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int | float) or not pool >= 1):
+            raise ValueError(
+                f"InputChannelBlocks(pool=...) needs None or a number >= 1 (the pool in multiples of one block's "
+                f"reads; 2 is a good start), got {pool!r}"
+            )
+        self.blocks, self.pool = blocks, None if pool is None else float(pool)
 
     def bind(self, name, weight, module):
         _require_2d("input_channel_blocks", name, weight)
@@ -267,7 +298,10 @@ class InputChannelBlocks(Granularity):
                 f"blocks that divides every target's outputs, or leave {name!r} out of `targets`"
             )
         per_block = outputs // self.blocks
-        return Block(1, per_block) if transposed else Block(per_block, 1)
+        rows, cols = (1, per_block) if transposed else (per_block, 1)
+        if self.pool is None:
+            return Block(rows, cols)
+        return PooledBlock(rows, cols, pool=self.pool, input_dim=0 if transposed else 1)
 
     def _unbound(self, *args):
         raise TypeError(f"{self!r} cuts a weight only once bound to its layer: call bind(name, weight, module)")
@@ -275,7 +309,8 @@ class InputChannelBlocks(Granularity):
     groups_shape = expand = group_sum = _unbound
 
     def __repr__(self):
-        return f"InputChannelBlocks(blocks={self.blocks})"
+        pool = "" if self.pool is None else f", pool={self.pool}"
+        return f"InputChannelBlocks(blocks={self.blocks}{pool})"
 
 
 class Block(Granularity):
@@ -318,12 +353,50 @@ class Block(Granularity):
         return f"Block({self.rows}, {self.cols})"
 
 
+class PooledBlock(Block):
+    """A [`Block`][sparsefuse.masks.Block] whose groups along one weight dim (the inputs) share a pool: the union
+    of the inputs read is kept near ``pool`` x (active groups / blocks). Built by
+    [`InputChannelBlocks`][sparsefuse.masks.InputChannelBlocks] with ``pool``.
+
+    Args:
+        rows: block size along weight dim 0.
+        cols: block size along weight dim 1.
+        pool: the pool's size in multiples of the inputs one block reads on average, at least 1.
+        input_dim: the group-mask dim of the inputs (1 for a conv's (blocks, in), 0 for a transposed conv's).
+    """
+
+    confines_growth = True
+
+    def __init__(self, rows: int, cols: int, pool: float, input_dim: int):
+        super().__init__(rows, cols)
+        if input_dim not in (0, 1):
+            raise ValueError(f"PooledBlock(input_dim=...) is 0 or 1, got {input_dim!r}")
+        self.pool, self.input_dim = float(pool), input_dim
+
+    def confine(self, mask, scores, count):
+        blocks_dim = 1 - self.input_dim
+        read = mask.any(blocks_dim)  # the inputs some block reads
+        size = min(read.numel(), math.ceil(self.pool * (int(mask.sum()) + count) / mask.shape[blocks_dim]))
+        pool = read.clone()
+        missing = size - int(read.sum())
+        if missing > 0:  # refill with the inputs whose best group scores highest
+            best = scores.amax(blocks_dim).masked_fill(read, float("-inf"))
+            pool[best.topk(missing).indices] = True
+        # Any score in the pool above any score outside it; the order within each stays the growth policy's.
+        lift = scores.abs().max() + 1
+        return scores + lift * pool.unsqueeze(blocks_dim).to(scores.dtype)
+
+    def __repr__(self):
+        return f"PooledBlock({self.rows}, {self.cols}, pool={self.pool}, input_dim={self.input_dim})"
+
+
 GRANULARITIES = {
     "element": Element,
     "kernel": Kernel,
     "channel": Channel,
     "input_channel": InputChannel,
     "input_channel_blocks": InputChannelBlocks,
+    "input_channel_pool": InputChannelBlocks(4, pool=2.0),
 }
 
 
@@ -331,8 +404,9 @@ def get_granularity(spec: str | Granularity) -> Granularity:
     """The granularity ``spec`` names or is.
 
     Args:
-        spec: ``"element"``, ``"kernel"``, ``"channel"``, ``"input_channel"`` or ``"input_channel_blocks"``
-            (4 blocks), the keys of `GRANULARITIES`; or a [`Granularity`][sparsefuse.masks.Granularity] instance
+        spec: ``"element"``, ``"kernel"``, ``"channel"``, ``"input_channel"``, ``"input_channel_blocks"`` (4
+            blocks) or ``"input_channel_pool"`` (4 blocks sharing a pool of twice one block's reads), the keys of
+            `GRANULARITIES`; or a [`Granularity`][sparsefuse.masks.Granularity] instance
             such as ``Block(4, 4)`` or ``InputChannelBlocks(8)``.
     """
     return resolve_policy(

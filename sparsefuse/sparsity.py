@@ -154,7 +154,12 @@ class DynamicSparsity:
         for index, t in enumerate(self._targets):
             keep = round(t.target_density * t.num_groups)
             check_keeps_a_group(t, keep)
-            chosen = torch.randperm(t.num_groups, generator=self._generator(0, index))[:keep]
+            if t.granularity.confines_growth:
+                scores = torch.rand(t.groups_shape, generator=self._generator(0, index))
+                empty = torch.zeros(t.groups_shape, dtype=torch.bool)
+                chosen = t.granularity.confine(empty, scores, keep).reshape(-1).topk(keep).indices
+            else:
+                chosen = torch.randperm(t.num_groups, generator=self._generator(0, index))[:keep]
             mask = torch.zeros(t.num_groups, dtype=torch.bool)
             mask[chosen] = True
             t.set_mask(mask)
@@ -258,9 +263,12 @@ class DynamicSparsity:
         keep_score = self.scorer(t.param, grad, t.granularity, generator).reshape(-1)
         grow_score = self.growth(t.param, grad, t.granularity, generator).reshape(-1)
         drop = active[torch.topk(keep_score[active], count, largest=False).indices]
-        grow = inactive[torch.topk(grow_score[inactive], count, largest=True).indices]
         mask = was_active.clone()
         mask[drop] = False
+        if t.granularity.confines_growth:
+            shape = t.groups_shape
+            grow_score = t.granularity.confine(mask.reshape(shape), grow_score.reshape(shape), count).reshape(-1)
+        grow = inactive[torch.topk(grow_score[inactive], count, largest=True).indices]
         mask[grow] = True
         t.set_mask(mask)
         self._apply_masks([t])

@@ -51,7 +51,7 @@ def granularities(draw):
     if kind == "block":
         return sf.masks.Block(draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     if kind == "input_channel_blocks":
-        return sf.masks.InputChannelBlocks(draw(st.integers(1, 3)))
+        return sf.masks.InputChannelBlocks(draw(st.integers(1, 3)), pool=draw(st.sampled_from([None, 1.0, 2.0, 3.5])))
     return kind
 
 

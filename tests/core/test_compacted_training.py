@@ -55,9 +55,10 @@ class Stack(nn.Module):
 def runs(draw):
     """Everything one training run needs but the optimizer: model, sparsifier options and thresholds."""
     kind = draw(st.sampled_from(sorted(SPATIAL)))
-    granularity = draw(st.sampled_from(["input_channel", "channel", "input_channel_blocks"]))
-    groups = 1 if granularity == "input_channel_blocks" else draw(st.sampled_from([1, 1, 2]))
-    multiple = 4 if granularity == "input_channel_blocks" else groups  # 4 blocks divide the outputs
+    granularity = draw(st.sampled_from(["input_channel", "channel", "input_channel_blocks", "input_channel_pool"]))
+    per_block = granularity.startswith("input_channel_")
+    groups = 1 if per_block else draw(st.sampled_from([1, 1, 2]))
+    multiple = 4 if per_block else groups  # 4 blocks divide the outputs
     widths = [multiple * draw(st.integers(1, 10 // multiple + 1)) for _ in range(draw(st.integers(2, 4)))]
     return dict(
         model=(kind, widths, draw(st.sampled_from([1, 3])), draw(st.booleans()), groups),

@@ -7,6 +7,8 @@ channel c, and nothing else.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -217,3 +219,57 @@ def test_input_channel_blocks_named_and_refused():
         sf.masks.InputChannelBlocks(0)
     with pytest.raises(TypeError, match="bound to its layer"):
         sf.masks.InputChannelBlocks(2).groups_shape((4, 3))
+
+
+def pool_limit(mask: torch.Tensor, pool: float, input_dim: int) -> tuple[int, int]:
+    """(inputs some block reads, the pool's size) of a pooled per-block group mask."""
+    blocks_dim = 1 - input_dim
+    read = int(mask.any(blocks_dim).sum())
+    return read, min(mask.shape[input_dim], math.ceil(pool * int(mask.sum()) / mask.shape[blocks_dim]))
+
+
+@PROPERTY
+@given(
+    kind=st.sampled_from(["linear", "conv2d", "conv3d", "convT3d"]),
+    c_in=st.integers(4, 24),
+    per_block=st.integers(1, 3),
+    blocks=st.integers(2, 4),
+    density=st.floats(0.05, 0.5),
+    pool=st.sampled_from([1.5, 2.0, 3.0]),
+    drop_fraction=st.floats(0.05, 0.5),
+    growth=growths,
+)
+def test_pooled_blocks_read_no_more_inputs_than_the_pool_holds(
+    kind, c_in, per_block, blocks, density, pool, drop_fraction, growth
+):
+    """With a pool of at least 1 + the drop fraction, the union of the blocks' inputs never exceeds the pool's size,
+    at the first mask and after every update, while the density stays exact and the topology keeps changing."""
+    schedule = sf.schedules.Constant(every=1, drop_fraction=drop_fraction)
+    granularity = sf.masks.InputChannelBlocks(blocks, pool=pool)
+    specs = [(kind, c_in, blocks * per_block, 1)]
+    model, optimizer, sparsity = build(specs, granularity, "sgd", density, schedule, sf.scorers.L1(), growth)
+    name, input_dim = "layers.0.weight", 0 if kind == "convT3d" else 1
+    active = int(sparsity.masks[name].sum())
+    read, size = pool_limit(sparsity.masks[name], pool, input_dim)
+    assert read <= size
+    changed = 0
+    for step in range(1, 9):
+        before = sparsity.masks[name]
+        train_step(model, optimizer, sparsity, step)
+        mask = sparsity.masks[name]
+        changed += int((mask != before).any())
+        assert int(mask.sum()) == active
+        read, size = pool_limit(mask, pool, input_dim)
+        assert read <= size, f"step {step}: the blocks read {read} inputs, the pool holds {size}"
+    exchanged = int(drop_fraction * active) > 0 and active < mask.numel()
+    assert changed > 0 or not exchanged
+
+
+def test_pooled_blocks_named_and_refused():
+    named = sf.masks.get_granularity("input_channel_pool")
+    assert repr(named) == "InputChannelBlocks(blocks=4, pool=2.0)"
+    layer = nn.ConvTranspose3d(6, 8, 2, stride=2)
+    assert repr(named.bind("weight", layer.weight, layer)) == "PooledBlock(1, 2, pool=2.0, input_dim=0)"
+    for bad in (0.5, True, "2", float("nan")):
+        with pytest.raises(ValueError, match=r"pool=\.\.\.\) needs None or a number >= 1"):
+            sf.masks.InputChannelBlocks(4, pool=bad)

@@ -81,7 +81,9 @@ def e2enet_settings(draw):
 @PROPERTY
 @given(
     setting=e2enet_settings(),
-    masks=st.sampled_from(["input_channel", "input_channel_blocks", "kernel", "element", "dead channels"]),
+    masks=st.sampled_from(
+        ["input_channel", "input_channel_blocks", "input_channel_pool", "kernel", "element", "dead channels"]
+    ),
     targets=st.sampled_from(["fusion", "all convs"]),
     density=st.floats(0.03, 1.0),
     p_dead=st.floats(0.0, 0.9),
@@ -101,8 +103,9 @@ def test_compacted_e2enet_equals_the_masked_model(
     else:
         chosen = e2enet_fusion_targets if targets == "fusion" else None
         granularity = masks
-        if masks == "input_channel_blocks":  # fusion widths are multiples of 4, the heads' 3 classes are not
-            chosen, granularity = e2enet_fusion_targets, sf.masks.InputChannelBlocks(2)
+        if masks.startswith("input_channel_"):  # fusion widths are multiples of 4, the heads' 3 classes are not
+            pool = 2.0 if masks == "input_channel_pool" else None
+            chosen, granularity = e2enet_fusion_targets, sf.masks.InputChannelBlocks(2, pool=pool)
         sparsity = keeping_a_group(  # drawn densities that keep no group of some layer are refused, not tested here
             lambda: sf.DynamicSparsity(model, None, density=density, targets=chosen, granularity=granularity, seed=seed)
         )

@@ -564,7 +564,12 @@ def test_torchrun_two_gloo_ranks_train_checkpoint_every_rank_and_refuse_another_
 
 @pytest.mark.parametrize(
     ("granularity", "sparse_layers"),
-    [("input_channel", "fusion"), ("input_channel", "fusion-convs"), ("input_channel_blocks", "fusion-convs")],
+    [
+        ("input_channel", "fusion"),
+        ("input_channel", "fusion-convs"),
+        ("input_channel_blocks", "fusion-convs"),
+        ("input_channel_pool", "fusion-convs"),
+    ],
 )
 def test_predict_compacts_an_input_channel_sparse_run_to_the_same_segmentation(
     dataset, tmp_path, granularity, sparse_layers

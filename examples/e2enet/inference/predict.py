@@ -141,7 +141,7 @@ def folds_with_checkpoint(run_dir: Path, checkpoint: str) -> list[str]:
 def load_folds(run_dir: Path, folds: list[str] | None, checkpoint: str, device: torch.device, compact: bool = True):
     """The run's networks, one per fold, after checking every fold's checkpoint against the run.
 
-    An input-channel-sparse E2ENet fold (``input_channel`` or ``input_channel_blocks``) is compacted
+    An input-channel-sparse E2ENet fold (a granularity of ``CHANNEL_GRANULARITIES``) is compacted
     (``compaction.compact_e2enet``) unless ``compact`` is False: its dead channels are not computed, to the same
     outputs within float rounding. Its zero weights are its masks, so the checkpoint alone defines the compacted
     network.
@@ -336,7 +336,8 @@ def main(argv=None) -> list[Path]:
     p.add_argument(
         "--no-compact",
         action="store_true",
-        help="run an input-channel-sparse E2ENet (input_channel or input_channel_blocks) masked (dense tensors "
+        help="run an input-channel-sparse E2ENet (input_channel, input_channel_blocks or input_channel_pool) masked "
+        "(dense tensors "
         "with zeros), not compacted",
     )
     args = p.parse_args(argv)

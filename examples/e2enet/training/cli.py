@@ -131,8 +131,9 @@ def add_sparsity_flags(p: argparse.ArgumentParser) -> None:
         "--granularity",
         choices=settings.GRANULARITIES,
         help="what one mask bit of a fusion layer switches: a (c_out, c_in) kernel (the paper), a whole input "
-        "channel (structured: compaction removes it at inference), or an input channel for one of 4 blocks of "
-        "outputs (input_channel_blocks: between the two)",
+        "channel (structured: compaction removes it at inference), an input channel for one of 4 blocks of "
+        "outputs (input_channel_blocks: between the two), or the same with the blocks drawing their inputs from a "
+        "shared pool of twice one block's reads (input_channel_pool: compacts to about twice the density)",
     )
     p.add_argument(
         "--sparse-layers",

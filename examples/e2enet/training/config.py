@@ -25,10 +25,10 @@ from e2enet.problems import Problem
 
 AUGMENTATIONS = ("nnunet", "light", "none")
 ALL_AXES = (0, 1, 2)
-GRANULARITIES = ("kernel", "input_channel", "input_channel_blocks")
+GRANULARITIES = ("kernel", "input_channel", "input_channel_blocks", "input_channel_pool")
 # Masks that leave whole input channels dead: such runs train and predict cut down to their live channels. Kernel
 # masks leave almost no channel dead.
-CHANNEL_GRANULARITIES = ("input_channel", "input_channel_blocks")
+CHANNEL_GRANULARITIES = ("input_channel", "input_channel_blocks", "input_channel_pool")
 SPARSE_LAYERS = ("fusion", "fusion-convs")
 # The library's own names, so a policy it adds is a choice here too.
 DISTRIBUTIONS = tuple(sf.distribution.DISTRIBUTIONS)
