@@ -7,8 +7,9 @@ and the sparsity's step, with the preset's update interval, so the updates and, 
 weights back and cutting the layers again are in the time. No AMP (CPU). All cases run interleaved in one process
 on the same batch; the table gives milliseconds per iteration and the ratios to DynUNet and to dense E2ENet.
 
-``--profile`` also prints where a dense E2ENet iteration's time goes, by layer group (encoder, fusion convs,
-transposed convs, heads; forward and backward), from torch.profiler.
+``--profile`` also prints where a dense E2ENet iteration's forward time goes, by layer group (encoder, fusion
+nodes' convs with their norms and activations, transposed convs, heads; timed by module hooks), and the rest of
+the iteration (backward, optimizer step, clipping, the loss, and the concatenations and shifts between modules).
 
     python bench/bench_e2enet_training.py [--preset cpu-demo] [--patch 48] [--threads 2] [--repeats 3] [--profile]
 """
@@ -21,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_e2enet.py: spin
 
 import argparse
 import copy
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -94,11 +96,8 @@ def layer_group(name: str) -> str:
     return "other"
 
 
-def profile_dense(run: Run) -> None:
-    """Forward and backward time of one dense iteration by layer group (module hooks time the forward; the profiler's
-    autograd events, attributed through their sequence numbers, are not robust enough, so backward is the rest)."""
-    import time
-
+def profile_dense(run: Run, repeats: int) -> None:
+    """Forward time of a dense iteration by layer group, timed by module hooks; everything else is the rest."""
     forward = defaultdict(float)
     starts = {}
 
@@ -128,7 +127,6 @@ def profile_dense(run: Run) -> None:
     run.iteration()  # warm up
     forward.clear()
     start = time.perf_counter()
-    repeats = 3
     for _ in range(repeats):
         run.iteration()
     total = (time.perf_counter() - start) / repeats
@@ -139,7 +137,7 @@ def profile_dense(run: Run) -> None:
     for group, seconds in sorted(forward.items(), key=lambda kv: -kv[1]):
         print(f"  {group:<32} {seconds / repeats * 1e3:8.1f} ms  ({seconds / repeats / total:5.1%} of the iteration)")
     rest = total - forward_total
-    print(f"  {'backward, step, clip, loss':<32} {rest * 1e3:8.1f} ms  ({rest / total:5.1%})")
+    print(f"  {'the rest (backward, step, ...)':<32} {rest * 1e3:8.1f} ms  ({rest / total:5.1%})")
 
 
 def main() -> None:
@@ -159,7 +157,7 @@ def main() -> None:
     batch = (torch.randn(shape, generator=generator), torch.randint(0, NUM_CLASSES, (args.batch, 1, *shape[2:])))
     runs = {name: Run(args.preset, *CASES[name], batch) for name in args.cases}
     if args.profile and "E2ENet dense" in runs:
-        profile_dense(copy.deepcopy(runs["E2ENet dense"]))
+        profile_dense(copy.deepcopy(runs["E2ENet dense"]), args.repeats)
     intervals = {name: run.update_every for name, run in runs.items()}
     times = interleaved({name: run.interval for name, run in runs.items()}, args.repeats, warmup=1)
     per_iteration = {name: seconds / intervals[name] for name, seconds in times.items()}

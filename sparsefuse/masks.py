@@ -276,12 +276,7 @@ class InputChannelBlocks(Granularity):
     def __init__(self, blocks: int = 4, pool: float | None = None):
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
             raise ValueError(f"InputChannelBlocks(blocks=...) needs a positive int, got {blocks!r}")
-        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int | float) or not pool >= 1):
-            raise ValueError(
-                f"InputChannelBlocks(pool=...) needs None or a number >= 1 (the pool in multiples of one block's "
-                f"reads; 2 is a good start), got {pool!r}"
-            )
-        self.blocks, self.pool = blocks, None if pool is None else float(pool)
+        self.blocks, self.pool = blocks, None if pool is None else _pool_size("InputChannelBlocks", pool)
 
     def bind(self, name, weight, module):
         _require_2d("input_channel_blocks", name, weight)
@@ -353,6 +348,15 @@ class Block(Granularity):
         return f"Block({self.rows}, {self.cols})"
 
 
+def _pool_size(owner: str, pool) -> float:
+    if isinstance(pool, bool) or not isinstance(pool, int | float) or not 1 <= pool < math.inf:
+        raise ValueError(
+            f"{owner}(pool=...) needs a finite number >= 1 (the pool in multiples of one block's reads; 2 is a good "
+            f"start), got {pool!r}"
+        )
+    return float(pool)
+
+
 class PooledBlock(Block):
     """A [`Block`][sparsefuse.masks.Block] whose groups along one weight dim (the inputs) share a pool: the union
     of the inputs read is kept near ``pool`` x (active groups / blocks). Built by
@@ -371,20 +375,23 @@ class PooledBlock(Block):
         super().__init__(rows, cols)
         if input_dim not in (0, 1):
             raise ValueError(f"PooledBlock(input_dim=...) is 0 or 1, got {input_dim!r}")
-        self.pool, self.input_dim = float(pool), input_dim
+        self.pool, self.input_dim = _pool_size("PooledBlock", pool), input_dim
 
     def confine(self, mask, scores, count):
+        """Ranks (float64) that put every group of the pool above every group outside it, each side in the order of
+        ``scores``. The pool is the inputs some block reads, refilled to its size with the inputs whose best group
+        scores highest (a group just dropped counts too: it cannot be regrown, but its input can)."""
         blocks_dim = 1 - self.input_dim
         read = mask.any(blocks_dim)  # the inputs some block reads
         size = min(read.numel(), math.ceil(self.pool * (int(mask.sum()) + count) / mask.shape[blocks_dim]))
         pool = read.clone()
         missing = size - int(read.sum())
-        if missing > 0:  # refill with the inputs whose best group scores highest
+        if missing > 0:
             best = scores.amax(blocks_dim).masked_fill(read, float("-inf"))
             pool[best.topk(missing).indices] = True
-        # Any score in the pool above any score outside it; the order within each stays the growth policy's.
-        lift = scores.abs().max() + 1
-        return scores + lift * pool.unsqueeze(blocks_dim).to(scores.dtype)
+        # Ranks, not scores plus an offset: an offset would round small scores (gradients) to ties.
+        ranks = scores.flatten().argsort(stable=True).argsort().reshape(scores.shape).to(torch.float64)
+        return ranks + scores.numel() * pool.unsqueeze(blocks_dim).to(torch.float64)
 
     def __repr__(self):
         return f"PooledBlock({self.rows}, {self.cols}, pool={self.pool}, input_dim={self.input_dim})"

@@ -270,6 +270,23 @@ def test_pooled_blocks_named_and_refused():
     assert repr(named) == "InputChannelBlocks(blocks=4, pool=2.0)"
     layer = nn.ConvTranspose3d(6, 8, 2, stride=2)
     assert repr(named.bind("weight", layer.weight, layer)) == "PooledBlock(1, 2, pool=2.0, input_dim=0)"
-    for bad in (0.5, True, "2", float("nan")):
-        with pytest.raises(ValueError, match=r"pool=\.\.\.\) needs None or a number >= 1"):
+    for bad in (0.5, True, "2", float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"pool=\.\.\.\) needs a finite number >= 1"):
             sf.masks.InputChannelBlocks(4, pool=bad)
+    with pytest.raises(ValueError, match=r"PooledBlock\(pool=\.\.\.\) needs a finite number >= 1"):
+        sf.masks.PooledBlock(2, 1, pool=0.1, input_dim=1)
+
+
+def test_the_pool_keeps_the_growth_policys_order_however_small_the_scores():
+    """Gradient growth's scores can be tiny: within the pool the largest must still come first, then the rest of
+    the pool, then the groups outside it."""
+    granularity = sf.masks.PooledBlock(1, 1, pool=2.0, input_dim=1)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 0] = mask[1, 1] = True  # inputs 0 and 1 are read; a pool of ceil(2 * 4 / 2) = 4 inputs after growing 2
+    scores = torch.tensor([[1e-9, 3e-9, 2e-9, 5e-9, 7e-9, 6e-9], [4e-9, 8e-9, 9e-9, 1e-12, 1e-10, 2e-10]])
+    ranked = granularity.confine(mask, scores, count=2)
+    # The refill takes inputs 2 (best 9e-9) and 4 (best 7e-9); input 5 (6e-9) and 3 (5e-9) stay out.
+    order = ranked.flatten().argsort(descending=True).tolist()
+    in_pool = [(1, 2), (1, 1), (0, 4), (1, 0), (0, 1), (0, 2), (0, 0), (1, 4)]
+    assert [divmod(i, 6) for i in order[:8]] == in_pool
+    assert {divmod(i, 6) for i in order[8:]} == {(0, 3), (0, 5), (1, 3), (1, 5)}

@@ -406,9 +406,9 @@ def test_the_first_mask_trains_unchanged_until_update_from(dataset, tmp_path):
     result = train.train(run_config(dataset, tmp_path / "from", update_every=1, update_from=0.5, epochs=4, iters=2))
     assert result["config"]["update_from"] == 0.5
     updates = [row["topology_updates"] for row in result["log"]]
-    # Iterations 1-4 keep the first mask, 5-8 may change it (the first of them at the full drop fraction).
+    # Iterations 1-4 keep the first mask, 5-8 may change it; the cosine starts at iteration 4.
     assert updates[:2] == [0, 0] and updates[2] > 0
-    assert result["sparsity"].schedule.fraction(4) == pytest.approx(0.5)
+    assert result["sparsity"].schedule.start == 4
 
 
 @pytest.mark.parametrize(
@@ -423,6 +423,7 @@ def test_the_first_mask_trains_unchanged_until_update_from(dataset, tmp_path):
         (["--val-iters", "-1"], "--val-iters must be positive"),
         (["--update-every", "0"], "--update-every must be a positive number of iterations"),  # was replaced silently
         (["--update-from", "0.8", "--update-until", "0.75"], "--update-from must be in [0, --update-until)"),
+        (["--update-from", "0.5", "--update-every", "50"], "no topology update falls between --update-from 0.5"),
     ],
 )
 def test_sparse_flags_that_would_be_ignored_are_refused(dataset, tmp_path, capsys, flags, message):

@@ -70,22 +70,20 @@ REGION_LABELS = {
 }
 
 # Deep structures: ellipsoids around a centre, the mean of Seitzman ROIs of one anatomical label in one hemisphere,
-# inside the brain. Its caudate has no label of its own: the basal-ganglia ROIs in front of y = 10 mm lie in its
-# head. The three kinds differ in shape (the thalamus and caudate ovoids, the hippocampus long and thin) and are darker
-# in T1 than their surroundings by a gain each case draws; left and right look alike. 400-600 voxels a side at 1.5
-# mm. Earlier forms were learnt by no model in the cpu-demo budget: grey matter within a sphere (a speckled label
-# whose border through uniform grey matter is invisible); six identical bright spheres (found, but told apart by
-# position alone: all six were given one or two of the classes); and brighter structures (grey matter 10-20%
-# brighter looks like the white matter around it: only the darker caudate of that form was learnt).
+# inside the brain. The Seitzman table has no caudate label: its basal-ganglia ROIs in front of y = 10 mm lie in the
+# caudate's head. The three kinds differ in shape (the thalamus and caudate ovoids, the hippocampus long and thin)
+# and are darker in T1 than their surroundings by a gain each case draws (darker, because grey matter made brighter
+# looks like the white matter around it); left and right look alike. 400-600 voxels a side at 1.5 mm.
 DEEP_STRUCTURES = {"thalamus": "thalamus", "caudate": "basalGanglia", "hippocampus": "hippocampus"}
 CAUDATE_MIN_Y_MM = 10.0
 DEEP_SEMI_AXES_MM = {"thalamus": (7.0, 10.0, 7.0), "caudate": (5.0, 9.0, 8.0), "hippocampus": (5.0, 13.0, 5.0)}
 DEEP_T1_GAIN = (0.10, 0.20)
 DEEP_EDGE = 0.15  # the contrast fades over this share of the semi-axes either side of the surface
-# One class per kind, left and right together: six classes told apart by side alone were not learnt in the cpu-demo
-# budget either (each side's pair got one label); the regions task asks for left and right already.
+# One class per kind, left and right together: told apart by side alone, six classes were not learnt in the cpu-demo
+# budget (each pair got one label); the regions task asks for left and right already.
 DEEP_LABELS = {"background": 0} | {name: 1 + i for i, name in enumerate(DEEP_STRUCTURES)}
-# Field of view of the deep task in template mm: the spheres stay over 10 mm inside it after any shift and rotation.
+# Field of view of the deep task in template mm: the ellipsoids stay over 10 mm inside it after any shift and
+# rotation.
 DEEP_FOV_MM = ((-56.0, -60.0, -44.0), (56.0, 52.0, 38.0))
 
 # Parcels: grey matter by nearest centre (a Voronoi partition), the centres being the mean of each Dosenbach

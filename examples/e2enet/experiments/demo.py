@@ -24,9 +24,9 @@ from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
 
 def cost_against_baseline(rows: list[dict], baseline: str = "DynUNet (nnU-Net)") -> str:
     """One line per E2ENet row: its training time per iteration and inference time per case as multiples of the
-    baseline's (measured in the runs above, so as noisy as the machine was)."""
+    baseline's, from the single runs above (bench/ measures ratios side by side)."""
     base = next(r for r in rows if r["name"] == baseline)
-    lines = [f"\ntime against {baseline} (same runs; times on a shared machine vary):"]
+    lines = [f"\ntime against {baseline} (single runs; bench/ times them side by side):"]
     for r in rows:
         if r["name"] != baseline:
             train = r["seconds_per_iteration"] / base["seconds_per_iteration"]

@@ -337,8 +337,7 @@ def main(argv=None) -> list[Path]:
         "--no-compact",
         action="store_true",
         help="run an input-channel-sparse E2ENet (input_channel, input_channel_blocks or input_channel_pool) masked "
-        "(dense tensors "
-        "with zeros), not compacted",
+        "(dense tensors with zeros), not compacted",
     )
     args = p.parse_args(argv)
 

@@ -289,6 +289,14 @@ def check(config: RunConfig) -> None:
         )
     if u.update_every is not None and u.update_every < 1:
         raise Problem(f"--update-every must be a positive number of iterations, got {u.update_every}")
+    if config.sparse and not s.static:
+        first, last = round(u.update_from * config.total_iters), max(1, round(u.update_until * config.total_iters))
+        if last // config.update_every * config.update_every <= first:
+            raise Problem(
+                f"no topology update falls between --update-from {u.update_from} (iteration {first}) and "
+                f"--update-until {u.update_until} (iteration {last}) at one update every {config.update_every} "
+                "iterations: widen the window, give a smaller --update-every, or train with --static"
+            )
     if u.grace_updates < 0:
         raise Problem(f"--grace-updates must be >= 0, got {u.grace_updates}")
     axes = list(config.mirror_axes)

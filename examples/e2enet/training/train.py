@@ -93,7 +93,7 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
         return None
     s, u = config.sparsity, config.sparsity.updates
     last_update = max(1, round(u.update_until * config.total_iters))
-    first_free = min(round(u.update_from * config.total_iters), last_update - 1)
+    steps_before_updates = min(round(u.update_from * config.total_iters), last_update - 1)
     schedule = (
         None
         if s.static
@@ -102,7 +102,7 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
             drop_fraction=u.drop_fraction,
             total_steps=last_update,
             stop=last_update,
-            start=first_free,
+            start=steps_before_updates,
         )
     )
     return sf.DynamicSparsity(
