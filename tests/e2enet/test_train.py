@@ -20,6 +20,7 @@ from e2enet.dataset import mni as prepare_mni
 from e2enet.evaluation import evaluate
 from e2enet.experiments import compare, demo
 from e2enet.inference import predict
+from e2enet.problems import Problem
 from e2enet.training import checkpoint, cli, train
 from e2enet.training import config as run_settings
 from e2enet.training.config import make_config
@@ -678,3 +679,17 @@ def test_the_demo_gives_each_e2enet_rows_cost_as_a_multiple_of_dynunets():
         "  E2ENet dense: 2.00x its time per training iteration, 0.50x its inference time",
         "  E2ENet DSFF 0.2: 1.50x its time per training iteration, 1.50x its inference time",
     ]
+
+
+def test_a_suite_run_that_train_refuses_fails_with_the_reason_in_one_line(tmp_path, monkeypatch, capsys):
+    def refuse(name, config):
+        raise Problem("fold_0/checkpoint_latest.pth was written by an earlier version of train.py")
+
+    monkeypatch.setattr(compare, "run_setting", refuse)
+    config = make_config(data=tmp_path / "data", out=tmp_path / "run", density=1.0)
+    with pytest.raises(SystemExit) as exited:
+        compare.run_in_child("E2ENet dense", config)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "written by an earlier version" in err
+    assert "written by an earlier version" in (tmp_path / "run" / "compare.log").read_text()
+    assert not (tmp_path / "run" / compare.RESULT_FILE).exists()

@@ -31,6 +31,7 @@ import hashlib
 import json
 import multiprocessing
 import platform
+import sys
 import time
 from contextlib import redirect_stderr, redirect_stdout
 from multiprocessing.connection import wait
@@ -47,6 +48,7 @@ from e2enet.experiments.paper_counting import pt_score
 from e2enet.experiments.suite_report import format_suite, plot_suite, spread, suite_summary
 from e2enet.inference import predict
 from e2enet.nets.registry import model_arguments
+from e2enet.problems import Problem
 from e2enet.training.config import RunConfig, as_flags, identity_keys, make_config, settings_of
 from e2enet.training.plots import plot_dice_over_time, plot_learning_curves
 from e2enet.training.train import train
@@ -231,10 +233,18 @@ def run_identity(config: RunConfig) -> dict:
 
 
 def run_in_child(name: str, config: RunConfig) -> None:
-    """One suite run in a process of its own: its output to a log beside the run, its result to RESULT_FILE."""
+    """One suite run in a process of its own: its output to a log beside the run, its result to RESULT_FILE. A run
+    that train.py refuses (a ``Problem``, e.g. a run folder of an older version) exits with status 2 and the reason
+    in one line, in the log and on stderr."""
     config.out.mkdir(parents=True, exist_ok=True)
-    with open(config.out / "compare.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
-        run = run_setting(name, config)
+    with open(config.out / "compare.log", "w") as log:
+        try:
+            with redirect_stdout(log), redirect_stderr(log):
+                run = run_setting(name, config)
+        except Problem as problem:
+            for stream in (log, sys.stderr):
+                print(f"error: {problem}", file=stream, flush=True)
+            raise SystemExit(2) from None
     write_json(config.out / RESULT_FILE, {"identity": run_identity(config), "run": run})
 
 
