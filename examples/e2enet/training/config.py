@@ -140,6 +140,12 @@ class RunConfig:
         return every or min(PAPER_UPDATE_EVERY, max(1, self.total_iters // UPDATES_PER_RUN))
 
     @property
+    def update_window(self) -> tuple[int, int]:
+        """(iterations that train the first mask unchanged, the last iteration that may change the topology)."""
+        u = self.sparsity.updates
+        return round(u.update_from * self.total_iters), max(1, round(u.update_until * self.total_iters))
+
+    @property
     def sparse(self) -> bool:
         return self.sparsity.density < 1.0
 
@@ -290,7 +296,7 @@ def check(config: RunConfig) -> None:
     if u.update_every is not None and u.update_every < 1:
         raise Problem(f"--update-every must be a positive number of iterations, got {u.update_every}")
     if config.sparse and not s.static:
-        first, last = round(u.update_from * config.total_iters), max(1, round(u.update_until * config.total_iters))
+        first, last = config.update_window
         if last // config.update_every * config.update_every <= first:
             raise Problem(
                 f"no topology update falls between --update-from {u.update_from} (iteration {first}) and "

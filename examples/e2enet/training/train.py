@@ -92,8 +92,7 @@ def build_sparsity(config: RunConfig, model, optimizer, scaler) -> sf.DynamicSpa
     if not config.sparse:
         return None
     s, u = config.sparsity, config.sparsity.updates
-    last_update = max(1, round(u.update_until * config.total_iters))
-    steps_before_updates = min(round(u.update_from * config.total_iters), last_update - 1)
+    steps_before_updates, last_update = config.update_window  # check() refused a window with no update in it
     schedule = (
         None
         if s.static
